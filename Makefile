@@ -1,0 +1,45 @@
+# Two commands on a fresh machine: `make test` and `make demo`.
+# Both create .venv with Python 3.12 when it is missing (python3.12 on PATH,
+# else pyenv's installed 3.12) and install pallax with the pinned versions.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-slow demo bench lint format clean
+
+$(PY):
+	@py=$$(scripts/find_python312.sh) || exit 1; \
+	echo "creating $(VENV) with $$py"; \
+	"$$py" -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml constraints.txt
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	HYPOTHESIS_PROFILE=thorough $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+# The main job. Until the model lands, it is the benchmark suite at CPU size.
+demo: $(STAMP)
+	$(PY) -m pallax.bench --json bench.json --plot roofline.png
+
+bench: demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pallax tests
+	$(VENV)/bin/ruff format --check pallax tests
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix pallax tests
+	$(VENV)/bin/ruff format pallax tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis .benchmarks bench.json roofline.png

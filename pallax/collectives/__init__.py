@@ -1,0 +1,1 @@
+"""Overlapped collective matmuls and the overlap proof. Nothing here yet."""

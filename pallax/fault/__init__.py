@@ -1,0 +1,1 @@
+"""Fault tolerance: in-memory replicas, recovery, SDC detection, goodput. Nothing here yet."""

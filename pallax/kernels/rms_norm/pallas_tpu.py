@@ -1,0 +1,157 @@
+"""RMSNorm as Mosaic TPU kernels: a forward kernel and a backward kernel.
+
+Layout: x is flattened to [R, D]. The grid walks row blocks of
+``block_rows``; each tile spans the whole feature axis, so a row's statistics
+never leave VMEM. The last row block may be ragged: Pallas pads its reads and
+masks its writes, and the backward masks the padded rows out of dscale.
+
+The backward recomputes the row statistics from x (one extra reduction over D
+on data already in VMEM) rather than writing and re-reading them from HBM.
+dscale is reduced in two stages: each grid step writes the [1, D] partial sum
+of its rows and XLA adds the ``num_blocks`` partials. The grid therefore stays
+"parallel" (both TensorCores of a megacore chip share it) and the sum order is
+fixed, so reruns are bit-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallax.kernels._dispatch import InterpretConfig
+from pallax.kernels.rms_norm import xla
+from pallax.kernels.rms_norm.config import RmsNormBlockSizes
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    eps: float
+    scale_offset: float
+    block_sizes: RmsNormBlockSizes
+    interpret: InterpretConfig | None
+
+
+def _interpret_params(config: InterpretConfig | None):
+    if config is None:
+        return False
+    return pltpu.InterpretParams(detect_races=config.detect_races)
+
+
+def _scale_f32(scale_ref, scale_offset: float) -> jax.Array:
+    return scale_ref[...].astype(jnp.float32) + scale_offset  # [1, D]
+
+
+def _forward_kernel(x_ref, scale_ref, y_ref, *, eps: float, scale_offset: float):
+    # x_ref, y_ref: [block_rows, D]; scale_ref: [1, D]
+    y = xla.forward_rows(x_ref[...].astype(jnp.float32), _scale_f32(scale_ref, scale_offset), eps)
+    y_ref[...] = y.astype(y_ref.dtype)
+
+
+def _backward_kernel(
+    x_ref, scale_ref, dy_ref, dx_ref, dscale_ref, *, eps, scale_offset, rows, block_rows
+):
+    # x_ref, dy_ref, dx_ref: [block_rows, D]; scale_ref: [1, D]; dscale_ref: [1, D] (f32)
+    dx, dscale_rows = xla.backward_rows(
+        x_ref[...].astype(jnp.float32),
+        _scale_f32(scale_ref, scale_offset),
+        dy_ref[...].astype(jnp.float32),
+        eps,
+    )
+    dx_ref[...] = dx.astype(dx_ref.dtype)
+    if rows % block_rows:
+        # Rows past the end of the last block hold unspecified data (NaN in the
+        # interpreter): select them away rather than multiply by a mask.
+        row = pl.program_id(0) * block_rows + jax.lax.broadcasted_iota(
+            jnp.int32, (block_rows, 1), 0
+        )
+        dscale_rows = jnp.where(row < rows, dscale_rows, 0.0)
+    dscale_ref[...] = jnp.sum(dscale_rows, axis=0, keepdims=True)
+
+
+def _row_specs(block_rows: int, dim: int):
+    row_block = pl.BlockSpec((block_rows, dim), lambda i: (i, 0))
+    whole_scale = pl.BlockSpec((1, dim), lambda i: (0, 0))
+    return row_block, whole_scale
+
+
+def _forward(x: jax.Array, scale: jax.Array, options: Options) -> jax.Array:
+    rows, dim = x.shape
+    block_rows = options.block_sizes.block_rows
+    row_block, whole_scale = _row_specs(block_rows, dim)
+    kernel = functools.partial(
+        _forward_kernel, eps=options.eps, scale_offset=options.scale_offset
+    )
+    itemsize = x.dtype.itemsize
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        grid=(pl.cdiv(rows, block_rows),),
+        in_specs=[row_block, whole_scale],
+        out_specs=row_block,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+        cost_estimate=pl.CostEstimate(
+            flops=4 * rows * dim,
+            transcendentals=rows,
+            bytes_accessed=2 * rows * dim * itemsize + dim * scale.dtype.itemsize,
+        ),
+        interpret=_interpret_params(options.interpret),
+        name="pallax_rms_norm_fwd",
+    )(x, scale.reshape(1, dim))
+
+
+def _backward(x, scale, dy, options: Options) -> tuple[jax.Array, jax.Array]:
+    rows, dim = x.shape
+    block_rows = options.block_sizes.block_rows
+    num_blocks = pl.cdiv(rows, block_rows)
+    row_block, whole_scale = _row_specs(block_rows, dim)
+    kernel = functools.partial(
+        _backward_kernel,
+        eps=options.eps,
+        scale_offset=options.scale_offset,
+        rows=rows,
+        block_rows=block_rows,
+    )
+    itemsize = x.dtype.itemsize
+    dx, dscale_partial = pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct(x.shape, x.dtype),
+            jax.ShapeDtypeStruct((num_blocks, 1, dim), jnp.float32),
+        ),
+        grid=(num_blocks,),
+        in_specs=[row_block, whole_scale, row_block],
+        out_specs=(row_block, pl.BlockSpec((None, 1, dim), lambda i: (i, 0, 0))),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+        cost_estimate=pl.CostEstimate(
+            flops=10 * rows * dim,
+            transcendentals=rows,
+            bytes_accessed=3 * rows * dim * itemsize + (num_blocks + 1) * dim * 4,
+        ),
+        interpret=_interpret_params(options.interpret),
+        name="pallax_rms_norm_bwd",
+    )(x, scale.reshape(1, dim), dy)
+    dscale = jnp.sum(dscale_partial[:, 0, :], axis=0)  # [num_blocks, D] -> [D]
+    return dx, dscale.astype(scale.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_norm(x: jax.Array, scale: jax.Array, options: Options) -> jax.Array:
+    """x: [R, D], scale: [D] -> [R, D] in x.dtype."""
+    return _forward(x, scale, options)
+
+
+def _fwd(x, scale, options):
+    return _forward(x, scale, options), (x, scale)
+
+
+def _bwd(options, residuals, dy):
+    x, scale = residuals
+    return _backward(x, scale, dy, options)
+
+
+rms_norm.defvjp(_fwd, _bwd)

@@ -1,0 +1,1 @@
+"""The Gemini-style decoder, training step and generation. Nothing here yet."""
