@@ -22,7 +22,7 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
 	HYPOTHESIS_PROFILE=thorough $(PY) -m pytest -q -m slow $(PYTEST_ARGS)

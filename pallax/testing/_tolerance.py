@@ -36,9 +36,7 @@ def assert_allclose(
     if actual.shape != expected.shape:
         raise AssertionError(f"shape mismatch: {actual.shape=} {expected.shape=} {err_msg}")
     if dtype is None:
-        dtype = max(
-            (actual.dtype, expected.dtype), key=lambda d: float(jnp.finfo(d).eps)
-        )
+        dtype = max((actual.dtype, expected.dtype), key=lambda d: float(jnp.finfo(d).eps))
     rtol = tolerance(dtype, reduction_length)
     expected64 = expected.astype(np.float64)
     scale = float(np.max(np.abs(expected64), initial=0.0))

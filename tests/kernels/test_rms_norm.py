@@ -58,7 +58,10 @@ def test_forward_matches_reference(implementation, data):
     x, scale, _ = _inputs(case)
     with interpret_mode():
         y = rms_norm(
-            x, scale, implementation=implementation, block_sizes=case["block_sizes"],
+            x,
+            scale,
+            implementation=implementation,
+            block_sizes=case["block_sizes"],
             **_options(case),
         )
     expected = rms_norm_reference(x, scale, **_options(case))
@@ -74,7 +77,10 @@ def test_gradients_match_reference(implementation, data):
 
     def kernel(x, scale):
         return rms_norm(
-            x, scale, implementation=implementation, block_sizes=case["block_sizes"],
+            x,
+            scale,
+            implementation=implementation,
+            block_sizes=case["block_sizes"],
             **_options(case),
         )
 
@@ -96,8 +102,14 @@ def test_gradients_match_reference(implementation, data):
 def test_reruns_are_bit_identical(implementation, dtype):
     case = dict(shape=(3, 43, 128), dtype=dtype, eps=1e-6, scale_offset=1.0, seed=7)
     x, scale, cotangent = _inputs(case)
-    blocks = None if implementation == "xla" else (
-        RmsNormBlockSizes(64, 64) if implementation == "pallas_mosaic_gpu" else RmsNormBlockSizes(16)
+    blocks = (
+        None
+        if implementation == "xla"
+        else (
+            RmsNormBlockSizes(64, 64)
+            if implementation == "pallas_mosaic_gpu"
+            else RmsNormBlockSizes(16)
+        )
     )
 
     def run():
@@ -189,9 +201,18 @@ _S = jnp.zeros((8,), jnp.float32)
         (dict(x=[1.0, 2.0]), TypeError, r"x must be an array"),
     ],
     ids=[
-        "scale-wrong-length", "scale-wrong-rank", "x-int", "scale-int", "x-scalar", "x-empty-axis",
-        "eps-zero", "eps-negative", "offset-not-number", "unknown-implementation",
-        "block-sizes-wrong-type", "x-not-array",
+        "scale-wrong-length",
+        "scale-wrong-rank",
+        "x-int",
+        "scale-int",
+        "x-scalar",
+        "x-empty-axis",
+        "eps-zero",
+        "eps-negative",
+        "offset-not-number",
+        "unknown-implementation",
+        "block-sizes-wrong-type",
+        "x-not-array",
     ],
 )
 def test_bad_input_raises_clear_error(kwargs, error, match):
@@ -217,5 +238,8 @@ def test_block_sizes_that_do_not_fit_are_rejected(implementation, blocks, match)
 
 
 def test_mosaic_gpu_rejects_feature_axis_not_multiple_of_64():
-    with interpret_mode(), pytest.raises(ValueError, match=r"x\.shape\[-1\]=100 must be a multiple"):
+    with (
+        interpret_mode(),
+        pytest.raises(ValueError, match=r"x\.shape\[-1\]=100 must be a multiple"),
+    ):
         rms_norm(jnp.zeros((4, 100)), jnp.zeros((100,)), implementation="pallas_mosaic_gpu")

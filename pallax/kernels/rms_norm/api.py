@@ -59,8 +59,14 @@ def rms_norm(
             dtype=x.dtype,
             device_kind=_dispatch.device_kind(),
         )
-    return _rms_norm(x, scale, eps=float(eps), scale_offset=float(scale_offset), mode=mode,
-                     block_sizes=block_sizes)
+    return _rms_norm(
+        x,
+        scale,
+        eps=float(eps),
+        scale_offset=float(scale_offset),
+        mode=mode,
+        block_sizes=block_sizes,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "scale_offset", "mode", "block_sizes"))

@@ -83,9 +83,7 @@ def _forward(x: jax.Array, scale: jax.Array, options: Options) -> jax.Array:
     rows, dim = x.shape
     block_rows = options.block_sizes.block_rows
     row_block, whole_scale = _row_specs(block_rows, dim)
-    kernel = functools.partial(
-        _forward_kernel, eps=options.eps, scale_offset=options.scale_offset
-    )
+    kernel = functools.partial(_forward_kernel, eps=options.eps, scale_offset=options.scale_offset)
     itemsize = x.dtype.itemsize
     return pl.pallas_call(
         kernel,

@@ -1,0 +1,87 @@
+"""The benchmark harness: roofline arithmetic, the CLI's outputs."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import pytest
+
+from pallax.bench import Case, Peaks, run_case, table_peaks
+from pallax.bench.__main__ import main
+
+
+def test_roofline_time_is_the_binding_limit():
+    peaks = Peaks("test", flops_per_s=100.0, bytes_per_s=10.0, source="made up")
+    assert peaks.roofline_time(flops=1000, bytes_moved=10) == 10.0  # compute bound
+    assert peaks.roofline_time(flops=10, bytes_moved=1000) == 100.0  # memory bound
+
+
+@pytest.mark.parametrize(
+    "kind, flops, bw",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12, 3.35e12),
+        ("NVIDIA H200", 989e12, 4.8e12),
+        ("TPU v5 lite", 197e12, 0.819e12),
+        ("TPU v5p", 459e12, 2.765e12),
+        ("TPU v4", 275e12, 1.2e12),
+        ("TPU v6 lite", 918e12, 1.64e12),
+    ],
+)
+def test_peak_table_matches_datasheets(kind, flops, bw):
+    peaks = table_peaks(kind)
+    assert (peaks.flops_per_s, peaks.bytes_per_s) == (flops, bw)
+
+
+def test_unknown_device_has_no_table_entry():
+    assert table_peaks("Some Future Chip") is None
+
+
+def test_run_case_reports_rates_and_fraction():
+    peaks = Peaks("test", flops_per_s=1e18, bytes_per_s=1e18, source="made up")
+    case = Case("s", "add", "jnp", lambda x: x + 1, (jnp.ones(1024),), flops=1024, bytes=8192)
+    result = run_case(case, peaks, warmup=1, runs=3)
+    assert result.error is None and result.runs == 3
+    assert result.bytes_per_s == pytest.approx(8192 / result.median_s)
+    assert 0 < result.roofline_fraction < 1
+
+
+def test_a_failing_peer_is_reported_not_fatal():
+    peaks = Peaks("test", 1.0, 1.0, "made up")
+
+    def broken(x):
+        raise RuntimeError("cudnn is not here")
+
+    result = run_case(Case("s", "c", "cudnn", broken, (1,), 1, 1), peaks)
+    assert "cudnn is not here" in result.error
+
+
+def test_cli_writes_table_json_and_plot(tmp_path, capsys):
+    json_path, plot_path = tmp_path / "bench.json", tmp_path / "roofline.png"
+    assert (
+        main(
+            [
+                "--suite",
+                "rms_norm",
+                "--size",
+                "smoke",
+                "--runs",
+                "2",
+                "--warmup",
+                "1",
+                "--json",
+                str(json_path),
+                "--plot",
+                str(plot_path),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "pallax[xla]" in out and "roofline" in out
+    payload = json.loads(json_path.read_text())
+    implementations = {r["implementation"] for r in payload["results"]}
+    assert implementations == {"pallax[xla]", "jnp"}
+    assert all(r["error"] is None and r["roofline_fraction"] > 0 for r in payload["results"])
+    assert payload["peaks"]["flops_per_s"] > 0
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
