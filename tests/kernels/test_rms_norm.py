@@ -243,3 +243,19 @@ def test_mosaic_gpu_rejects_feature_axis_not_multiple_of_64():
         pytest.raises(ValueError, match=r"x\.shape\[-1\]=100 must be a multiple"),
     ):
         rms_norm(jnp.zeros((4, 100)), jnp.zeros((100,)), implementation="pallas_mosaic_gpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_large_shapes_match_reference(implementation, dtype):
+    case = dict(shape=(2, 1001, 2048), dtype=dtype, eps=1e-6, scale_offset=0.0, seed=3)
+    x, scale, cotangent = _inputs(case)
+    with interpret_mode():
+        y, vjp = jax.vjp(lambda x, s: rms_norm(x, s, implementation=implementation), x, scale)
+        dx, dscale = vjp(cotangent)
+    ref_y, ref_vjp = jax.vjp(rms_norm_reference, x, scale)
+    ref_dx, ref_dscale = ref_vjp(cotangent)
+    assert_allclose(y, ref_y, reduction_length=2048)
+    assert_allclose(dx, ref_dx, reduction_length=2048)
+    assert_allclose(dscale, ref_dscale, reduction_length=x.size)
