@@ -45,7 +45,7 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=f"needs a real {platform.upper()}"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cpu_devices():
     """The 8 simulated CPU devices."""
     devices = jax.devices("cpu")

@@ -1,1 +1,14 @@
-"""Overlapped collective matmuls and the overlap proof. Nothing here yet."""
+"""Overlapped-collective schedules: collective matmuls and the proof of overlap."""
+
+from pallax.collectives.api import collective_matmul
+from pallax.collectives.overlap import CollectiveOverlap, OverlapReport, overlap_report
+from pallax.collectives.ring import all_gather_matmul, matmul_reduce_scatter
+
+__all__ = [
+    "CollectiveOverlap",
+    "OverlapReport",
+    "all_gather_matmul",
+    "collective_matmul",
+    "matmul_reduce_scatter",
+    "overlap_report",
+]
