@@ -1,5 +1,6 @@
 """Overlapped-collective schedules: collective matmuls and the proof of overlap."""
 
+from pallax.collectives import cost_model
 from pallax.collectives.api import collective_matmul
 from pallax.collectives.overlap import CollectiveOverlap, OverlapReport, overlap_report
 from pallax.collectives.ring import all_gather_matmul, matmul_reduce_scatter
@@ -9,6 +10,7 @@ __all__ = [
     "OverlapReport",
     "all_gather_matmul",
     "collective_matmul",
+    "cost_model",
     "matmul_reduce_scatter",
     "overlap_report",
 ]

@@ -7,7 +7,9 @@ from typing import Literal
 import jax
 from jax.sharding import Mesh, PartitionSpec
 
+from pallax.collectives import pallas_tpu
 from pallax.collectives.ring import all_gather_matmul, matmul_reduce_scatter
+from pallax.kernels import resolve_implementation
 
 P = PartitionSpec
 
@@ -20,6 +22,7 @@ def collective_matmul(
     axis: str,
     kind: Literal["all_gather", "reduce_scatter"] = "all_gather",
     bidirectional: bool = False,
+    implementation: str | None = None,
 ) -> jax.Array:
     """``x @ w`` for tensor-parallel layers, with the collective overlapped.
 
@@ -30,6 +33,11 @@ def collective_matmul(
       x [M, K] sharded by columns, w [K, N] sharded by rows
       -> [M, N] sharded by rows.
     Other mesh axes are left to GSPMD.
+
+    implementation: 'xla' (ring of ppermutes that XLA schedules), 'pallas_tpu'
+    (all_gather only, unidirectional: one Mosaic kernel whose ring is remote
+    DMAs; on a CPU inside ``pallax.kernels.interpret_mode()``), or None (the
+    kernel on TPU when it can take the shapes, else 'xla').
     """
     if axis not in mesh.axis_names:
         raise ValueError(f"collective_matmul: axis={axis!r} is not in the mesh {mesh.axis_names}")
@@ -58,11 +66,37 @@ def collective_matmul(
                 f"collective_matmul: {what}={size} is not divisible by mesh axis {axis!r} "
                 f"of size {n}"
             )
+
+    def supports(impl: str) -> str | None:
+        if kind != "all_gather" or bidirectional:
+            return "the Pallas kernel is a unidirectional all-gather-matmul"
+        itemsize = max(x.dtype.itemsize, w.dtype.itemsize)
+        return pallas_tpu.unsupported_reason(
+            x.shape[0] // n, x.shape[1], w.shape[1] // n, n, itemsize
+        )
+
+    mode = resolve_implementation(
+        "collective_matmul", implementation, available=("xla", "pallas_tpu"), supports=supports
+    )
+    if mode.implementation == "pallas_tpu":
+        interpret = False
+        if mode.interpret is not None:
+            from jax.experimental.pallas import tpu as pltpu
+
+            interpret = pltpu.InterpretParams(detect_races=mode.interpret.detect_races)
+
+        def body(x, w, axis_name, bidirectional):
+            del bidirectional
+            return pallas_tpu.all_gather_matmul_pallas(
+                x, w, axis_name=axis_name, interpret=interpret
+            )
+
     f = jax.shard_map(
         lambda x, w: body(x, w, axis_name=axis, bidirectional=bidirectional),
         mesh=mesh,
         in_specs=in_specs,
         out_specs=out_spec,
         axis_names={axis},
+        check_vma=mode.implementation == "xla",
     )
     return f(x, w)

@@ -4,14 +4,22 @@
 This package imports nothing else from pallax.
 """
 
-from pallax.kernels._dispatch import IMPLEMENTATIONS, interpret_mode, lowering_platform
+from pallax.kernels._dispatch import (
+    IMPLEMENTATIONS,
+    KernelMode,
+    interpret_mode,
+    lowering_platform,
+)
+from pallax.kernels._dispatch import resolve as resolve_implementation
 from pallax.kernels.rms_norm import RmsNormBlockSizes, rms_norm, rms_norm_reference
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "KernelMode",
     "RmsNormBlockSizes",
     "interpret_mode",
     "lowering_platform",
+    "resolve_implementation",
     "rms_norm",
     "rms_norm_reference",
 ]

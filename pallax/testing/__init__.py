@@ -7,7 +7,11 @@
 """
 
 from pallax.testing._devices import run_with_cpu_devices
-from pallax.testing._lowering import assert_lowers_for_cuda, assert_lowers_for_tpu
+from pallax.testing._lowering import (
+    assert_lowers_for_cuda,
+    assert_lowers_for_tpu,
+    tpu_interpret_races_found,
+)
 from pallax.testing._tolerance import assert_allclose, tolerance
 
 __all__ = [
@@ -16,4 +20,5 @@ __all__ = [
     "assert_lowers_for_tpu",
     "run_with_cpu_devices",
     "tolerance",
+    "tpu_interpret_races_found",
 ]

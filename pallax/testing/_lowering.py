@@ -40,3 +40,15 @@ def assert_lowers_for_tpu(fn: Callable, *args, **kwargs) -> jax.export.Exported:
 def assert_lowers_for_cuda(fn: Callable, *args, **kwargs) -> jax.export.Exported:
     """Exports ``jax.jit(fn)`` for CUDA and checks it holds a Mosaic GPU kernel."""
     return _assert_lowers("cuda", fn, *args, **kwargs)
+
+
+def tpu_interpret_races_found() -> bool:
+    """Whether the TPU interpreter's race detector (``detect_races=True``) found a race.
+
+    Reads the interpreter's global state (a private JAX module: there is no
+    public accessor in JAX 0.11). Reset it with ``pltpu.reset_tpu_interpret_mode_state()``.
+    """
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call
+
+    races = interpret_pallas_call.races
+    return bool(races is not None and races.races_found)
