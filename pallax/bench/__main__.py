@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 import jax
 
 from pallax.bench._harness import run_case
-from pallax.bench._report import plot_roofline, print_table, write_json
+from pallax.bench._report import plot_roofline, print_rows, print_table, write_json
 from pallax.bench._roofline import device_peaks
 from pallax.bench.suites import SUITES
 
@@ -38,15 +39,23 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # 8 simulated CPU devices for the multi-device suites, if the backend has not
+    # started yet (when called from a test, use the devices there are).
+    with contextlib.suppress(RuntimeError):
+        jax.config.update("jax_num_cpu_devices", 8)
     size = args.size or ("cpu" if jax.devices()[0].platform == "cpu" else "full")
     peaks = device_peaks()
-    results = []
+    results, reports = [], {}
     for name in args.suite or sorted(SUITES):
-        for case in SUITES[name](size):
+        suite = SUITES[name]
+        if hasattr(suite, "report"):
+            reports[name] = suite.report(size)
+            print_rows(name, reports[name])
+        for case in suite.cases(size):
             results.append(run_case(case, peaks, warmup=args.warmup, runs=args.runs))
     print_table(results, peaks)
     if args.json:
-        write_json(args.json, results, peaks)
+        write_json(args.json, results, peaks, reports)
     if args.plot:
         plot_roofline(args.plot, results, peaks)
     return 0

@@ -54,13 +54,42 @@ def print_table(results: Sequence[Result], peaks: Peaks) -> None:
     Console(width=160).print(table)
 
 
-def write_json(path: str | pathlib.Path, results: Sequence[Result], peaks: Peaks) -> None:
+def print_rows(title: str, rows: Sequence[dict]) -> None:
+    """Untimed rows of a suite (predictions, analyses), grouped by their set of keys."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row), []).append(row)
+    console = Console(width=160)
+    for keys, group in groups.items():
+        table = Table(title=title)
+        for key in keys:
+            table.add_column(key)
+        for row in group:
+            table.add_row(*(escape(_fmt(row[k])) for k in keys))
+        console.print(table)
+
+
+def _fmt(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def write_json(
+    path: str | pathlib.Path,
+    results: Sequence[Result],
+    peaks: Peaks,
+    reports: dict[str, list[dict]] | None = None,
+) -> None:
     payload = {
         "device": peaks.device,
         "platform": jax.devices()[0].platform,
         "jax_version": jax.__version__,
         "peaks": dataclasses.asdict(peaks),
         "results": [dataclasses.asdict(r) for r in results],
+        "reports": reports or {},
     }
     pathlib.Path(path).write_text(json.dumps(payload, indent=2, default=_nan_to_none))
 

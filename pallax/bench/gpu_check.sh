@@ -17,8 +17,8 @@ start=$(date +%s)
   >"$OUT/device.txt" 2>&1
 
 # GPU-marked tests: compiled Mosaic GPU kernels against their references.
-timeout 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider --benchmark-disable \
-  --junitxml="$OUT/gpu_tests.xml" tests >"$OUT/gpu_tests.log" 2>&1
+timeout 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider --benchmark-disable -rs \
+  tests >"$OUT/gpu_tests.log" 2>&1
 tests_rc=$?
 
 # Benchmarks at full size, with the XLA path and peers in the same run.
@@ -26,10 +26,18 @@ timeout 240 "$PY" -m pallax.bench --size full --json "$OUT/bench.json" \
   --plot "$OUT/roofline.png" >"$OUT/bench.log" 2>&1
 bench_rc=$?
 
+# The GPU scheduler on a mocked 8-GPU topology: are dots bracketed by the
+# ring's collective-permute-start/done pairs?
+timeout 120 "$PY" -m pallax.bench.gpu_overlap --json "$OUT/gpu_overlap.json" \
+  >"$OUT/gpu_overlap.log" 2>&1
+overlap_rc=$?
+
 cat >"$OUT/summary.json" <<JSON
-{"tests_rc": $tests_rc, "bench_rc": $bench_rc, "seconds": $(( $(date +%s) - start ))}
+{"tests_rc": $tests_rc, "bench_rc": $bench_rc, "overlap_rc": $overlap_rc,
+ "seconds": $(( $(date +%s) - start ))}
 JSON
 tail -n 5 "$OUT/gpu_tests.log"
 tail -n 40 "$OUT/bench.log"
+cat "$OUT/gpu_overlap.json" 2>/dev/null
 cat "$OUT/summary.json"
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

@@ -84,7 +84,7 @@ class Prediction:
         if self.communication_s == 0:
             return 1.0
         exposed = self.estimate_s - self.compute_s
-        return max(0.0, min(1.0, 1 - exposed / self.communication_s))
+        return round(max(0.0, min(1.0, 1 - exposed / self.communication_s)), 9)
 
 
 def predict(

@@ -204,3 +204,36 @@ def overlap_report(compiled_or_hlo_text: Any) -> OverlapReport:
                 )
             )
     return OverlapReport(tuple(collectives), tuple(all_dots))
+
+
+def bracketed_dots(scheduled_hlo_text: str) -> dict[str, int]:
+    """For each async collective ``*-start`` in a scheduled module, the number of dots
+    the schedule places between it and its ``*-done``.
+
+    In a scheduled module (``is_scheduled=true``, as ``Compiled.as_text()`` prints
+    on GPU and TPU) instruction order is execution order, so a dot between a
+    start and its done runs while the transfer is in flight.
+    """
+    computations = _parse(scheduled_hlo_text)
+    out: dict[str, int] = {}
+    for insts in computations.values():
+        order = list(insts.values())
+        is_dot = lambda i: (
+            _is_matmul(i)
+            or (
+                i.opcode in ("fusion", "call")
+                and any(_contains(computations, c, _is_matmul) for c in i.called)
+            )
+        )
+        open_starts: dict[str, int] = {}
+        for inst in order:
+            if inst.opcode.endswith("-start") or inst.opcode == "async-start":
+                open_starts[inst.name] = 0
+            elif inst.opcode.endswith("-done") or inst.opcode == "async-done":
+                for operand in inst.operands:
+                    if operand in open_starts:
+                        out[operand] = open_starts.pop(operand)
+            elif is_dot(inst):
+                for name in open_starts:
+                    open_starts[name] += 1
+    return out

@@ -4,9 +4,10 @@
 * :func:`assert_lowers_for_tpu` / :func:`assert_lowers_for_cuda`: check that a
   function's Pallas kernels lower for the hardware, on any machine.
 * :func:`run_with_cpu_devices`: run a snippet in a fresh process with N simulated CPU devices.
+* :func:`run_processes`: run a snippet in N local ``jax.distributed`` processes (gloo).
 """
 
-from pallax.testing._devices import run_with_cpu_devices
+from pallax.testing._devices import run_processes, run_with_cpu_devices
 from pallax.testing._lowering import (
     assert_lowers_for_cuda,
     assert_lowers_for_tpu,
@@ -18,6 +19,7 @@ __all__ = [
     "assert_allclose",
     "assert_lowers_for_cuda",
     "assert_lowers_for_tpu",
+    "run_processes",
     "run_with_cpu_devices",
     "tolerance",
     "tpu_interpret_races_found",

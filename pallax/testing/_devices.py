@@ -38,3 +38,70 @@ def run_with_cpu_devices(
             f"\n--- stderr\n{result.stderr}"
         )
     return result.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Prepended to each process's code by run_processes.
+_DISTRIBUTED_PRELUDE = """
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.config.update("jax_num_cpu_devices", {devices_per_process})
+jax.distributed.initialize(
+    coordinator_address="127.0.0.1:{port}", num_processes={num_processes}, process_id={process_id}
+)
+"""
+
+
+def run_processes(
+    code: str, *, num_processes: int = 2, devices_per_process: int = 2, timeout: float = 300.0
+) -> list[str]:
+    """Runs ``code`` in ``num_processes`` local processes joined by ``jax.distributed``.
+
+    The coordinator listens on 127.0.0.1; CPU collectives use gloo. Each process
+    sees ``devices_per_process`` local CPU devices and all of them globally.
+    Returns each process's stdout (in process order); raises AssertionError with
+    the failing processes' stderr.
+    """
+    port = _free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = " ".join(
+        f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f
+    )
+    procs = []
+    for pid in range(num_processes):
+        prelude = _DISTRIBUTED_PRELUDE.format(
+            devices_per_process=devices_per_process,
+            port=port,
+            num_processes=num_processes,
+            process_id=pid,
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", prelude + textwrap.dedent(code)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        )
+    outputs, failures = [], []
+    for pid, proc in enumerate(procs):
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise AssertionError(f"process {pid} timed out after {timeout}s") from None
+        outputs.append(out)
+        if proc.returncode != 0:
+            failures.append(f"--- process {pid} exited with {proc.returncode}\n{err[-4000:]}")
+    if failures:
+        raise AssertionError("\n".join(failures))
+    return outputs

@@ -85,3 +85,34 @@ def test_cli_writes_table_json_and_plot(tmp_path, capsys):
     assert all(r["error"] is None and r["roofline_fraction"] > 0 for r in payload["results"])
     assert payload["peaks"]["flops_per_s"] > 0
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_collectives_suite_reports_predictions_and_overlap(tmp_path):
+    json_path = tmp_path / "bench.json"
+    assert (
+        main(
+            [
+                "--suite",
+                "collectives",
+                "--size",
+                "smoke",
+                "--runs",
+                "1",
+                "--warmup",
+                "1",
+                "--json",
+                str(json_path),
+            ]
+        )
+        == 0
+    )
+    payload = json.loads(json_path.read_text())
+    rows = payload["reports"]["collectives"]
+    overlap = {r["schedule"]: r for r in rows if "overlappable" in r}
+    assert overlap["naive all-gather then matmul"]["overlappable"] == 0
+    assert overlap["ring all_gather_matmul"]["overlappable"] == 7
+    predictions = [r for r in rows if "predicted_ms" in r]
+    assert {r["tp"] for r in predictions} == {4, 8, 16}
+    for r in predictions:
+        assert r["predicted_ms"] >= max(r["compute_ms"], r["comm_ms"]) - 1e-9
+    assert {r["implementation"] for r in payload["results"]} == {"naive", "ring", "ring-bidi"}

@@ -10,6 +10,7 @@ from jax.sharding import AxisType, Mesh, PartitionSpec
 
 from pallax.collectives import (
     all_gather_matmul,
+    bracketed_dots,
     collective_matmul,
     matmul_reduce_scatter,
     overlap_report,
@@ -144,3 +145,22 @@ def test_accepts_lowered_and_compiled(mesh):
         ).num_overlappable
         == 7
     )
+
+
+def test_bracketed_dots_counts_dots_scheduled_inside_async_pairs():
+    hlo = """
+HloModule m, is_scheduled=true
+
+ENTRY %main (a: f32[4,4], b: f32[4,4]) -> f32[4,4] {
+  %a = f32[4,4]{1,0} parameter(0)
+  %b = f32[4,4]{1,0} parameter(1)
+  %cp-start = (f32[4,4]{1,0}, f32[4,4]{1,0}, u32[], u32[]) collective-permute-start(%a), source_target_pairs={{0,1},{1,0}}
+  %d1 = f32[4,4]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %d2 = f32[4,4]{1,0} dot(%d1, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %cp-done = f32[4,4]{1,0} collective-permute-done(%cp-start)
+  %cp-start.1 = (f32[4,4]{1,0}, f32[4,4]{1,0}, u32[], u32[]) collective-permute-start(%cp-done), source_target_pairs={{0,1},{1,0}}
+  %cp-done.1 = f32[4,4]{1,0} collective-permute-done(%cp-start.1)
+  ROOT %d3 = f32[4,4]{1,0} dot(%cp-done.1, %d2), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+"""
+    assert bracketed_dots(hlo) == {"cp-start": 2, "cp-start.1": 0}

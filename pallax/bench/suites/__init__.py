@@ -1,7 +1,13 @@
-"""Benchmark suites: each maps a size ('smoke', 'cpu', 'full') to a list of Cases."""
+"""Benchmark suites.
 
-from pallax.bench.suites import rms_norm
+Each suite module has ``cases(size) -> list[Case]`` (timed) and may have
+``report(size) -> list[dict]`` (untimed rows: predictions, analyses). Sizes:
+'smoke' (tests), 'cpu' (this machine), 'full' (an accelerator).
+"""
+
+from pallax.bench.suites import collectives, rms_norm
 
 SUITES = {
-    "rms_norm": rms_norm.cases,
+    "collectives": collectives,
+    "rms_norm": rms_norm,
 }
