@@ -12,14 +12,17 @@ from pallax.kernels._dispatch import (
 )
 from pallax.kernels._dispatch import resolve as resolve_implementation
 from pallax.kernels.rms_norm import RmsNormBlockSizes, rms_norm, rms_norm_reference
+from pallax.kernels.rope import apply_rope, rope_reference
 
 __all__ = [
     "IMPLEMENTATIONS",
     "KernelMode",
     "RmsNormBlockSizes",
+    "apply_rope",
     "interpret_mode",
     "lowering_platform",
     "resolve_implementation",
     "rms_norm",
     "rms_norm_reference",
+    "rope_reference",
 ]
