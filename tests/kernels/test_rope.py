@@ -24,7 +24,7 @@ from tests.strategies import dtypes
     seed=st.integers(0, 99),
 )
 def test_matches_rotation_matrix(b, t, n, h, fraction, base, dtype, seed):
-    if int(round(fraction * h)) % 2 or int(round(fraction * h)) == 0:
+    if round(fraction * h) % 2 or round(fraction * h) == 0:
         fraction = 1.0
     kx, kp = jax.random.split(jax.random.key(seed))
     x = jax.random.normal(kx, (b, t, n, h), jnp.float32).astype(dtype)

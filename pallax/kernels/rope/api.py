@@ -38,7 +38,7 @@ def _check(x, positions, base, rotary_fraction) -> int:
         raise ValueError(f"apply_rope: base must be > 0, got {base}")
     if not 0.0 < rotary_fraction <= 1.0:
         raise ValueError(f"apply_rope: rotary_fraction must be in (0, 1], got {rotary_fraction}")
-    rotary = int(round(rotary_fraction * h))
+    rotary = round(rotary_fraction * h)
     if rotary % 2 or rotary == 0:
         raise ValueError(
             f"apply_rope: rotary_fraction * H = {rotary_fraction} * {h} = {rotary} rotated "
@@ -69,7 +69,7 @@ def _rope(x, positions, *, base: float, rotary: int):
 def rope_reference(x, positions, *, base: float = 10000.0, rotary_fraction: float = 1.0):
     """RoPE as an explicit rotation matrix per position (slow; for tests)."""
     h = x.shape[-1]
-    rotary = int(round(rotary_fraction * h))
+    rotary = round(rotary_fraction * h)
     half = rotary // 2
     inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / rotary)
     angle = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
