@@ -11,15 +11,23 @@ from pallax.kernels._dispatch import (
     lowering_platform,
 )
 from pallax.kernels._dispatch import resolve as resolve_implementation
+from pallax.kernels.linear_cross_entropy import (
+    LinearCrossEntropyBlockSizes,
+    linear_cross_entropy,
+    linear_cross_entropy_reference,
+)
 from pallax.kernels.rms_norm import RmsNormBlockSizes, rms_norm, rms_norm_reference
 from pallax.kernels.rope import apply_rope, rope_reference
 
 __all__ = [
     "IMPLEMENTATIONS",
     "KernelMode",
+    "LinearCrossEntropyBlockSizes",
     "RmsNormBlockSizes",
     "apply_rope",
     "interpret_mode",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
     "lowering_platform",
     "resolve_implementation",
     "rms_norm",
