@@ -196,8 +196,8 @@ def _memory(fn, vocab, tokens=8192, dim=1024):
 
 
 def test_xla_path_memory_is_an_eighth_of_naive_and_flat_in_vocab():
-    naive = lambda h, w, l: optax.softmax_cross_entropy_with_integer_labels(h @ w, l).mean()
-    ours = lambda h, w, l: linear_cross_entropy(h, w, l, implementation="xla")
+    naive = lambda h, w, lab: optax.softmax_cross_entropy_with_integer_labels(h @ w, lab).mean()
+    ours = lambda h, w, lab: linear_cross_entropy(h, w, lab, implementation="xla")
     ours_small, ours_large = _memory(ours, 32768), _memory(ours, 65536)
     assert ours_small * 8 <= _memory(naive, 32768), (ours_small, _memory(naive, 32768))
     assert ours_large <= ours_small * 1.05, (ours_small, ours_large)
@@ -211,7 +211,8 @@ def test_tpu_kernels_lower_at_gemini_size():
         jax.ShapeDtypeStruct((8192,), jnp.int32),
     )
     f = jax.value_and_grad(
-        lambda h, w, l: linear_cross_entropy(h, w, l, implementation="pallas_tpu"), argnums=(0, 1)
+        lambda h, w, lab: linear_cross_entropy(h, w, lab, implementation="pallas_tpu"),
+        argnums=(0, 1),
     )
     exported = assert_lowers_for_tpu(f, *args)
     assert exported.mlir_module().count("tpu_custom_call") == 3  # forward, d_hidden, d_weight
