@@ -11,6 +11,7 @@ from pallax.kernels._dispatch import (
     lowering_platform,
 )
 from pallax.kernels._dispatch import resolve as resolve_implementation
+from pallax.kernels.gated_mlp import GatedMlpBlockSizes, gated_mlp, gated_mlp_reference
 from pallax.kernels.linear_cross_entropy import (
     LinearCrossEntropyBlockSizes,
     linear_cross_entropy,
@@ -21,10 +22,13 @@ from pallax.kernels.rope import apply_rope, rope_reference
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "GatedMlpBlockSizes",
     "KernelMode",
     "LinearCrossEntropyBlockSizes",
     "RmsNormBlockSizes",
     "apply_rope",
+    "gated_mlp",
+    "gated_mlp_reference",
     "interpret_mode",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
