@@ -120,8 +120,23 @@ def test_collectives_suite_reports_predictions_and_overlap(tmp_path):
 
 def test_fused_suite_reports_memory_next_to_the_naive_composition(tmp_path):
     json_path = tmp_path / "bench.json"
-    assert main(["--suite", "fused", "--size", "smoke", "--runs", "1", "--warmup", "1",
-                 "--json", str(json_path)]) == 0
+    assert (
+        main(
+            [
+                "--suite",
+                "fused",
+                "--size",
+                "smoke",
+                "--runs",
+                "1",
+                "--warmup",
+                "1",
+                "--json",
+                str(json_path),
+            ]
+        )
+        == 0
+    )
     payload = json.loads(json_path.read_text())
     memory = {(r["op"], r["implementation"]): r for r in payload["reports"]["fused"]}
     assert memory[("gated_mlp", "pallax[xla]")]["residual_mib"] == 0
@@ -129,8 +144,8 @@ def test_fused_suite_reports_memory_next_to_the_naive_composition(tmp_path):
     ce_ours = memory[("linear_cross_entropy", "pallax[xla]")]
     ce_naive = memory[("linear_cross_entropy", "naive (optax)")]
     assert ce_ours["residual_mib"] < ce_naive["residual_mib"]
-    cases = {(r["case"] if "case" in r else r["name"], r["implementation"])
-             for r in payload["results"]}
-    assert any(name.startswith("linear_cross_entropy") and impl == "naive (optax)"
-               for name, impl in cases)
+    cases = {(r["name"], r["implementation"]) for r in payload["results"]}
+    assert any(
+        name.startswith("linear_cross_entropy") and impl == "naive (optax)" for name, impl in cases
+    )
     assert all(r["error"] is None for r in payload["results"])
