@@ -11,6 +11,11 @@ from pallax.kernels._dispatch import (
     lowering_platform,
 )
 from pallax.kernels._dispatch import resolve as resolve_implementation
+from pallax.kernels.attention import (
+    AttentionBlockSizes,
+    attention_reference,
+    dot_product_attention,
+)
 from pallax.kernels.gated_mlp import GatedMlpBlockSizes, gated_mlp, gated_mlp_reference
 from pallax.kernels.linear_cross_entropy import (
     LinearCrossEntropyBlockSizes,
@@ -22,11 +27,14 @@ from pallax.kernels.rope import apply_rope, rope_reference
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "AttentionBlockSizes",
     "GatedMlpBlockSizes",
     "KernelMode",
     "LinearCrossEntropyBlockSizes",
     "RmsNormBlockSizes",
     "apply_rope",
+    "attention_reference",
+    "dot_product_attention",
     "gated_mlp",
     "gated_mlp_reference",
     "interpret_mode",

@@ -1,0 +1,39 @@
+"""Block sizes of the attention implementations."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionBlockSizes:
+    """Attributes:
+      block_q: query rows per tile.
+      block_kv: key/value rows per tile.
+    Pallas TPU needs multiples of 8 (block_q) and 128 (block_kv, the lane axis of
+    the logits tile); the XLA path takes any positive size.
+    """
+
+    block_q: int = 512
+    block_kv: int = 512
+
+    def __post_init__(self):
+        for name in ("block_q", "block_kv"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"block_sizes.{name} must be a positive int, got {value!r}")
+
+    def check(self, implementation: str) -> None:
+        if implementation == "pallas_tpu" and (self.block_q % 8 or self.block_kv % 128):
+            raise ValueError(
+                f"block_sizes {self} do not fit 'pallas_tpu': block_q must be a multiple of 8 "
+                "and block_kv a multiple of 128"
+            )
+
+
+def default_block_sizes(implementation: str, *, q_len: int, kv_len: int) -> AttentionBlockSizes:
+    if implementation == "xla":
+        return AttentionBlockSizes(block_q=min(512, q_len), block_kv=min(512, kv_len))
+    return AttentionBlockSizes(
+        block_q=min(512, -(-q_len // 8) * 8), block_kv=min(512, -(-kv_len // 128) * 128)
+    )

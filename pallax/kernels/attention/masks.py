@@ -1,0 +1,67 @@
+"""Which (query, key) pairs may attend: one definition for every backend.
+
+Positions are absolute indices into the query axis [0, T) and key axis [0, S).
+The structural masks are top-left aligned like ``jax.nn.dot_product_attention``:
+causal allows key j <= query i; a window (left, right) allows
+i - left <= j <= i + right. Lengths cut off queries i >= q_len and keys
+j >= kv_len; segment ids allow only equal ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """The static part of the masking (what is present, not the arrays)."""
+
+    causal: bool = False
+    window: tuple[int, int] | None = None  # (left, right)
+
+    def block_may_attend(self, q_start, q_end, k_start, k_end):
+        """Whether any pair in a [q_start, q_end) x [k_start, k_end) block passes the
+        causal/window masks (works on Python ints and traced ints alike)."""
+        ok = True
+        if self.causal:
+            ok = jnp.logical_and(ok, k_start <= q_end - 1)
+        if self.window is not None:
+            left, right = self.window
+            ok = jnp.logical_and(ok, k_end - 1 >= q_start - left)
+            ok = jnp.logical_and(ok, k_start <= q_end - 1 + right)
+        return ok
+
+
+def allowed(spec: MaskSpec, q_pos, k_pos, *, q_len=None, kv_len=None, q_seg=None, kv_seg=None):
+    """Boolean mask broadcast from q_pos [..., bq, 1] and k_pos [..., 1, bk].
+
+    q_len / kv_len broadcast against the positions ([..., 1, 1]); q_seg is shaped
+    like q_pos and kv_seg like k_pos.
+    """
+    ok = jnp.ones(jnp.broadcast_shapes(q_pos.shape, k_pos.shape), bool)
+    if spec.causal:
+        ok &= k_pos <= q_pos
+    if spec.window is not None:
+        left, right = spec.window
+        ok &= (k_pos >= q_pos - left) & (k_pos <= q_pos + right)
+    if q_len is not None:
+        ok &= q_pos < q_len
+    if kv_len is not None:
+        ok &= k_pos < kv_len
+    if q_seg is not None:
+        ok &= q_seg == kv_seg
+    return ok
+
+
+def tile_of(array: jax.Array | None, q_start, bq: int, k_start, bk: int) -> jax.Array | None:
+    """The [.., bq|1, bk|1] tile of a [.., T|1, S|1] array (broadcast dims stay size 1)."""
+    if array is None:
+        return None
+    if array.shape[-2] != 1:
+        array = jax.lax.dynamic_slice_in_dim(array, q_start, bq, axis=array.ndim - 2)
+    if array.shape[-1] != 1:
+        array = jax.lax.dynamic_slice_in_dim(array, k_start, bk, axis=array.ndim - 1)
+    return array

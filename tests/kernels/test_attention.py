@@ -1,0 +1,243 @@
+"""dot_product_attention against the reference and jax.nn.dot_product_attention."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pallax.kernels import AttentionBlockSizes, attention_reference, dot_product_attention
+from pallax.testing import assert_allclose
+from tests.strategies import dtypes
+
+IMPLEMENTATIONS = ("xla",)
+OPTIONS = ("causal", "window", "segments", "softcap", "bias", "mask", "lengths")
+
+
+@st.composite
+def cases(draw):
+    n = draw(st.sampled_from([1, 2, 4]))
+    return dict(
+        b=draw(st.integers(1, 2)),
+        t=draw(st.integers(1, 40)),
+        s=draw(st.integers(1, 40)),
+        n=n,
+        k=draw(st.sampled_from(sorted({1, max(1, n // 2), n}))),
+        h=draw(st.sampled_from([64, 128])),
+        dtype=draw(dtypes()),
+        options=draw(st.sets(st.sampled_from(OPTIONS), max_size=4)),
+        blocks=draw(st.sampled_from([None, AttentionBlockSizes(8, 8), AttentionBlockSizes(16, 7)])),
+        seed=draw(st.integers(0, 1000)),
+    )
+
+
+def _inputs(case):
+    b, t, s, n, k, h = (case[x] for x in "btsnkh")
+    keys = jax.random.split(jax.random.key(case["seed"]), 10)
+    q = jax.random.normal(keys[0], (b, t, n, h), jnp.float32).astype(case["dtype"])
+    kk = jax.random.normal(keys[1], (b, s, k, h), jnp.float32).astype(case["dtype"])
+    v = jax.random.normal(keys[2], (b, s, k, h), jnp.float32).astype(case["dtype"])
+    kwargs, bias = {}, None
+    opts = case["options"]
+    if "causal" in opts:
+        kwargs["is_causal"] = True
+    if "window" in opts:
+        kwargs["local_window_size"] = (int(jax.random.randint(keys[3], (), 0, 6)), 2)
+    if "segments" in opts:
+        kwargs["segment_ids"] = (
+            jnp.sort(jax.random.randint(keys[4], (b, t), 0, 3), axis=1),
+            jnp.sort(jax.random.randint(keys[5], (b, s), 0, 3), axis=1),
+        )
+    if "softcap" in opts:
+        kwargs["logits_soft_cap"] = 3.0
+    if "bias" in opts:
+        bias = jax.random.normal(keys[6], (1, n, t, s), jnp.float32).astype(case["dtype"])
+    if "mask" in opts:
+        kwargs["mask"] = jax.random.bernoulli(keys[7], 0.8, (b, 1, t, s))
+    if "lengths" in opts:
+        kwargs["query_seq_lengths"] = jax.random.randint(keys[8], (b,), 0, t + 1)
+        kwargs["key_value_seq_lengths"] = jax.random.randint(keys[9], (b,), 0, s + 1)
+    ct = jax.random.normal(keys[0], q.shape, jnp.float32).astype(case["dtype"])
+    return q, kk, v, bias, kwargs, ct
+
+
+def _vjp(fn, q, k, v, bias, kwargs, ct):
+    if bias is None:
+        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, **kwargs), q, k, v)
+    else:
+        out, vjp = jax.vjp(lambda q, k, v, b: fn(q, k, v, bias=b, **kwargs), q, k, v, bias)
+    return out, vjp(ct)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@given(case=cases())
+def test_forward_and_gradients_match_reference(implementation, case):
+    q, k, v, bias, kwargs, ct = _inputs(case)
+
+    def ours(*a, **kw):
+        return dot_product_attention(
+            *a, implementation=implementation, block_sizes=case["blocks"], **kw
+        )
+
+    out, grads = _vjp(ours, q, k, v, bias, kwargs, ct)
+    ref_out, ref_grads = _vjp(attention_reference, q, k, v, bias, kwargs, ct)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert bool(jnp.all(jnp.isfinite(out)))
+    assert_allclose(out, ref_out, reduction_length=case["s"] * case["h"], err_msg=str(case))
+    names = ("dq", "dk", "dv", "dbias")
+    for name, got, want in zip(names[: len(grads)], grads, ref_grads, strict=True):
+        assert got.dtype == want.dtype and bool(jnp.all(jnp.isfinite(got))), name
+        k_len = case["s"] * case["h"] * case["t"] * case["n"]
+        assert_allclose(got, want, reduction_length=k_len, err_msg=f"{name} {case}")
+
+
+@given(case=cases())
+def test_matches_jax_nn_where_it_is_defined(case):
+    # jax.nn has no segments or soft cap, and gives a uniform average (not zeros) to
+    # queries with nothing to attend to: compare only rows with at least one key.
+    case = {**case, "dtype": jnp.float32, "options": case["options"] - {"segments", "softcap"}}
+    q, k, v, bias, kwargs, _ = _inputs(case)
+    ours = dot_product_attention(q, k, v, bias=bias, **kwargs)
+    with jax.default_matmul_precision("highest"):
+        theirs = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="xla", **kwargs)
+    some_key = _rows_with_keys(case, kwargs)  # [B, T, N]
+    assert_allclose(
+        np.where(some_key[..., None], ours, 0),
+        np.where(some_key[..., None], theirs, 0),
+        reduction_length=case["s"] * case["h"],
+    )
+
+
+def _rows_with_keys(case, kwargs):
+    ones = jnp.ones((case["b"], case["t"], case["n"], 1), jnp.float32)
+    probe = attention_reference(
+        ones,
+        jnp.ones((case["b"], case["s"], case["k"], 1)),
+        jnp.ones((case["b"], case["s"], case["k"], 1)),
+        **kwargs,
+    )
+    return np.asarray(probe[..., 0] > 0.5)
+
+
+def test_fully_masked_rows_are_zero_with_zero_gradients():
+    q = jax.random.normal(jax.random.key(0), (1, 8, 2, 64))
+    k = jax.random.normal(jax.random.key(1), (1, 8, 1, 64))
+    lengths = jnp.array([0])
+    out, vjp = jax.vjp(
+        lambda q, k, v: dot_product_attention(q, k, v, key_value_seq_lengths=lengths), q, k, k
+    )
+    grads = vjp(jnp.ones_like(out))
+    assert not np.any(np.asarray(out)) and all(not np.any(np.asarray(g)) for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_reruns_are_bit_identical(dtype):
+    case = dict(
+        b=2,
+        t=33,
+        s=47,
+        n=4,
+        k=2,
+        h=64,
+        dtype=dtype,
+        options={"causal", "segments", "bias"},
+        blocks=AttentionBlockSizes(16, 16),
+        seed=3,
+    )
+    q, k, v, bias, kwargs, ct = _inputs(case)
+
+    def run():
+        f = lambda *a, **kw: dot_product_attention(*a, block_sizes=case["blocks"], **kw)
+        out, grads = _vjp(f, q, k, v, bias, kwargs, ct)
+        return [np.asarray(x).tobytes() for x in (out, *grads)]
+
+    assert run() == run()
+
+
+def _temp_mib(fn, t, grad):
+    q = jax.ShapeDtypeStruct((1, t, 8, 128), jnp.float32)
+    kv = jax.ShapeDtypeStruct((1, t, 1, 128), jnp.float32)
+    if grad:
+        fn = jax.grad(lambda *a, f=fn: jnp.sum(f(*a)), argnums=(0, 1, 2))
+    return jax.jit(fn).lower(q, kv, kv).compile().memory_analysis().temp_size_in_bytes / 2**20
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "fwd+bwd"])
+def test_xla_path_memory_is_linear_and_an_eighth_of_jax_nn(grad):
+    ours = lambda q, k, v: dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    theirs = lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="xla"
+    )
+    ours_4k, ours_8k = _temp_mib(ours, 4096, grad), _temp_mib(ours, 8192, grad)
+    assert 8 * ours_8k <= _temp_mib(theirs, 8192, grad)
+    assert ours_8k <= 2.2 * ours_4k  # linear, not quadratic (4x), in T
+
+
+_Q, _K = jnp.ones((2, 8, 4, 16)), jnp.ones((2, 6, 2, 16))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(query=jnp.ones((2, 8, 16))), ValueError, r"query must have rank 4.*\(2, 8, 16\)"),
+        (
+            dict(key=jnp.ones((2, 6, 3, 16)), value=jnp.ones((2, 6, 3, 16))),
+            ValueError,
+            "N=4 must be a multiple of key/value heads K=3",
+        ),
+        (dict(value=jnp.ones((2, 7, 2, 16))), ValueError, "key and value must have the same shape"),
+        (
+            dict(key=jnp.ones((3, 6, 2, 16)), value=jnp.ones((3, 6, 2, 16))),
+            ValueError,
+            r"key must be \[B=2",
+        ),
+        (dict(key=jnp.ones((2, 6, 2, 8)), value=jnp.ones((2, 6, 2, 8))), ValueError, "H=16"),
+        (dict(query=jnp.ones((2, 8, 4, 16), jnp.int32)), TypeError, "query must be floating"),
+        (dict(local_window_size=(-1, 2)), ValueError, "non-negative ints"),
+        (dict(local_window_size=(1, 2, 3)), ValueError, "local_window_size"),
+        (
+            dict(segment_ids=(jnp.zeros((2, 8), jnp.int32), jnp.zeros((2, 5), jnp.int32))),
+            ValueError,
+            r"kv_segment_ids must be an int array of shape \(2, 6\)",
+        ),
+        (dict(segment_ids=jnp.zeros((2, 8), jnp.int32)), ValueError, "must be a pair"),
+        (dict(bias=jnp.ones((3, 8, 6))), ValueError, r"bias must broadcast to \[B, N, T, S\]"),
+        (dict(mask=jnp.ones((8, 6), jnp.int32)), TypeError, "mask must be bool"),
+        (dict(query_seq_lengths=jnp.ones((3,), jnp.int32)), ValueError, "query_seq_lengths"),
+        (dict(logits_soft_cap=-1.0), ValueError, "logits_soft_cap"),
+        (dict(implementation="cudnn"), ValueError, "unknown implementation='cudnn'"),
+        (
+            dict(implementation="pallas_tpu", block_sizes=AttentionBlockSizes(8, 8)),
+            ValueError,
+            "does not exist for this op|do not fit",
+        ),
+        (dict(block_sizes=(8, 8)), TypeError, "block_sizes must be AttentionBlockSizes"),
+    ],
+    ids=[
+        "rank",
+        "heads-not-divisible",
+        "kv-mismatch",
+        "batch-mismatch",
+        "head-dim-mismatch",
+        "int-dtype",
+        "negative-window",
+        "window-arity",
+        "segment-shape",
+        "segment-not-pair",
+        "bias-shape",
+        "mask-dtype",
+        "lengths-shape",
+        "softcap",
+        "unknown-impl",
+        "bad-blocks",
+        "blocks-type",
+    ],
+)
+def test_bad_inputs(kwargs, error, match):
+    args = dict(query=_Q, key=_K, value=_K) | kwargs
+    q, k, v = args.pop("query"), args.pop("key"), args.pop("value")
+    with pytest.raises(error, match=match):
+        dot_product_attention(q, k, v, **args)
