@@ -66,7 +66,7 @@ def dot_product_attention(
         logits_soft_cap,
         block_sizes,
     )
-    b, t, n, h = query.shape
+    _, t, _, h = query.shape
     s = key.shape[1]
     mode = _dispatch.resolve(_NAME, implementation, available=_AVAILABLE)
     if block_sizes is None:

@@ -28,7 +28,7 @@ def attention_reference(
     logits = scale * q·k (+ bias), soft-capped, masked; softmax in f32. A query
     with nothing to attend to returns zeros.
     """
-    b, t, n, h = query.shape
+    _, t, n, h = query.shape
     s, kv_heads = key.shape[1], key.shape[2]
     scale = h**-0.5 if scale is None else scale
     group = n // kv_heads
