@@ -9,17 +9,30 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pallax.kernels import AttentionBlockSizes, attention_reference, dot_product_attention
-from pallax.testing import assert_allclose
+from pallax.kernels import (
+    AttentionBlockSizes,
+    attention_reference,
+    dot_product_attention,
+    interpret_mode,
+)
+from pallax.testing import assert_allclose, assert_lowers_for_tpu
 from tests.strategies import dtypes
 
-IMPLEMENTATIONS = ("xla",)
+IMPLEMENTATIONS = ("xla", "pallas_tpu")
 OPTIONS = ("causal", "window", "segments", "softcap", "bias", "mask", "lengths")
 
 
 @st.composite
-def cases(draw):
+def cases(draw, implementation="xla"):
     n = draw(st.sampled_from([1, 2, 4]))
+    if implementation == "pallas_tpu":
+        blocks = draw(
+            st.sampled_from([None, AttentionBlockSizes(8, 128), AttentionBlockSizes(16, 128)])
+        )
+    else:
+        blocks = draw(
+            st.sampled_from([None, AttentionBlockSizes(8, 8), AttentionBlockSizes(16, 7)])
+        )
     return dict(
         b=draw(st.integers(1, 2)),
         t=draw(st.integers(1, 40)),
@@ -29,7 +42,7 @@ def cases(draw):
         h=draw(st.sampled_from([64, 128])),
         dtype=draw(dtypes()),
         options=draw(st.sets(st.sampled_from(OPTIONS), max_size=4)),
-        blocks=draw(st.sampled_from([None, AttentionBlockSizes(8, 8), AttentionBlockSizes(16, 7)])),
+        blocks=blocks,
         seed=draw(st.integers(0, 1000)),
     )
 
@@ -73,8 +86,9 @@ def _vjp(fn, q, k, v, bias, kwargs, ct):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@given(case=cases())
-def test_forward_and_gradients_match_reference(implementation, case):
+@given(data=st.data())
+def test_forward_and_gradients_match_reference(implementation, data):
+    case = data.draw(cases(implementation))
     q, k, v, bias, kwargs, ct = _inputs(case)
 
     def ours(*a, **kw):
@@ -82,7 +96,8 @@ def test_forward_and_gradients_match_reference(implementation, case):
             *a, implementation=implementation, block_sizes=case["blocks"], **kw
         )
 
-    out, grads = _vjp(ours, q, k, v, bias, kwargs, ct)
+    with interpret_mode():
+        out, grads = _vjp(ours, q, k, v, bias, kwargs, ct)
     ref_out, ref_grads = _vjp(attention_reference, q, k, v, bias, kwargs, ct)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert bool(jnp.all(jnp.isfinite(out)))
@@ -122,19 +137,27 @@ def _rows_with_keys(case, kwargs):
     return np.asarray(probe[..., 0] > 0.5)
 
 
-def test_fully_masked_rows_are_zero_with_zero_gradients():
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_fully_masked_rows_are_zero_with_zero_gradients(implementation):
     q = jax.random.normal(jax.random.key(0), (1, 8, 2, 64))
     k = jax.random.normal(jax.random.key(1), (1, 8, 1, 64))
     lengths = jnp.array([0])
-    out, vjp = jax.vjp(
-        lambda q, k, v: dot_product_attention(q, k, v, key_value_seq_lengths=lengths), q, k, k
-    )
-    grads = vjp(jnp.ones_like(out))
+
+    def f(q, k, v):
+        return dot_product_attention(
+            q, k, v, key_value_seq_lengths=lengths, implementation=implementation
+        )
+
+    with interpret_mode():
+        out, vjp = jax.vjp(f, q, k, k)
+        grads = vjp(jnp.ones_like(out))
     assert not np.any(np.asarray(out)) and all(not np.any(np.asarray(g)) for g in grads)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_reruns_are_bit_identical(dtype):
+def test_reruns_are_bit_identical(implementation, dtype):
+    blocks = AttentionBlockSizes(16, 128 if implementation == "pallas_tpu" else 16)
     case = dict(
         b=2,
         t=33,
@@ -144,14 +167,19 @@ def test_reruns_are_bit_identical(dtype):
         h=64,
         dtype=dtype,
         options={"causal", "segments", "bias"},
-        blocks=AttentionBlockSizes(16, 16),
+        blocks=blocks,
         seed=3,
     )
     q, k, v, bias, kwargs, ct = _inputs(case)
 
     def run():
-        f = lambda *a, **kw: dot_product_attention(*a, block_sizes=case["blocks"], **kw)
-        out, grads = _vjp(f, q, k, v, bias, kwargs, ct)
+        def f(*a, **kw):
+            return dot_product_attention(
+                *a, block_sizes=blocks, implementation=implementation, **kw
+            )
+
+        with interpret_mode():
+            out, grads = _vjp(f, q, k, v, bias, kwargs, ct)
         return [np.asarray(x).tobytes() for x in (out, *grads)]
 
     assert run() == run()
@@ -212,8 +240,9 @@ _Q, _K = jnp.ones((2, 8, 4, 16)), jnp.ones((2, 6, 2, 16))
         (
             dict(implementation="pallas_tpu", block_sizes=AttentionBlockSizes(8, 8)),
             ValueError,
-            "does not exist for this op|do not fit",
+            "do not fit 'pallas_tpu'",
         ),
+        (dict(implementation="pallas_mosaic_gpu"), ValueError, "does not exist for this op"),
         (dict(block_sizes=(8, 8)), TypeError, "block_sizes must be AttentionBlockSizes"),
     ],
     ids=[
@@ -232,12 +261,55 @@ _Q, _K = jnp.ones((2, 8, 4, 16)), jnp.ones((2, 6, 2, 16))
         "lengths-shape",
         "softcap",
         "unknown-impl",
-        "bad-blocks",
+        "bad-tpu-blocks",
+        "no-gpu-kernel",
         "blocks-type",
     ],
 )
 def test_bad_inputs(kwargs, error, match):
     args = dict(query=_Q, key=_K, value=_K) | kwargs
     q, k, v = args.pop("query"), args.pop("key"), args.pop("value")
-    with pytest.raises(error, match=match):
+    with interpret_mode(), pytest.raises(error, match=match):
         dot_product_attention(q, k, v, **args)
+
+
+def test_tpu_kernels_lower_at_gemini_context():
+    # T = S = 32768, H = 128, bf16, N = 8 query heads sharing K = 1 KV head.
+    q = jax.ShapeDtypeStruct((1, 32768, 8, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 32768, 1, 128), jnp.bfloat16)
+
+    def loss(q, k, v):
+        out = dot_product_attention(q, k, v, is_causal=True, implementation="pallas_tpu")
+        return jnp.sum(out.astype(jnp.float32))
+
+    exported = assert_lowers_for_tpu(jax.value_and_grad(loss, argnums=(0, 1, 2)), q, kv, kv)
+    assert exported.mlir_module().count("tpu_custom_call") == 3  # forward, dkv, dq
+
+
+def test_tpu_kernels_lower_with_every_option():
+    q = jax.ShapeDtypeStruct((2, 1000, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 1500, 2, 128), jnp.bfloat16)
+    seg_q = jax.ShapeDtypeStruct((2, 1000), jnp.int32)
+    seg_kv = jax.ShapeDtypeStruct((2, 1500), jnp.int32)
+    bias = jax.ShapeDtypeStruct((1, 4, 1000, 1500), jnp.bfloat16)
+    lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
+
+    def loss(q, k, v, bias, sq, skv, ql, kl):
+        out = dot_product_attention(
+            q,
+            k,
+            v,
+            bias=bias,
+            is_causal=True,
+            local_window_size=(256, 0),
+            segment_ids=(sq, skv),
+            logits_soft_cap=30.0,
+            query_seq_lengths=ql,
+            key_value_seq_lengths=kl,
+            implementation="pallas_tpu",
+        )
+        return jnp.sum(out.astype(jnp.float32))
+
+    assert_lowers_for_tpu(
+        jax.grad(loss, argnums=(0, 1, 2, 3)), q, kv, kv, bias, seg_q, seg_kv, lengths, lengths
+    )

@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 
 from pallax.kernels import _dispatch
-from pallax.kernels.attention import xla
+from pallax.kernels.attention import pallas_tpu, pallas_tpu_bwd, xla
 from pallax.kernels.attention.config import AttentionBlockSizes, default_block_sizes
 from pallax.kernels.attention.masks import MaskSpec
 
-_AVAILABLE = ("xla",)
+_AVAILABLE = ("xla", "pallas_tpu")
 _NAME = "dot_product_attention"
 
 
@@ -49,8 +49,11 @@ def dot_product_attention(
     and bias and before masking (Gemma 2). A query with nothing to attend to
     returns zeros, and its gradients are zero.
 
-    implementation: None (the best for the platform; XLA here), 'xla' (tiled,
-    memory-efficient, with a recomputing backward).
+    implementation: None (the best for the platform: Pallas on TPU, else XLA),
+    'xla' (tiled, memory-efficient, with a recomputing backward) or 'pallas_tpu'
+    (flash attention kernels; in ``pallax.kernels.interpret_mode()`` on a CPU).
+    There is no Mosaic GPU kernel yet: on GPU, None uses the XLA path.
+    block_sizes: query and key/value tile sizes.
     """
     window = _check_args(
         query,
@@ -81,6 +84,15 @@ def dot_product_attention(
         block_q=block_sizes.block_q,
         block_kv=block_sizes.block_kv,
     )
+    if mode.implementation == "pallas_tpu":
+        options = pallas_tpu.Options(
+            options.scale,
+            options.spec,
+            options.soft_cap,
+            options.block_q,
+            options.block_kv,
+            mode.interpret,
+        )
     aux = (
         None if query_seq_lengths is None else jnp.asarray(query_seq_lengths, jnp.int32),
         None if key_value_seq_lengths is None else jnp.asarray(key_value_seq_lengths, jnp.int32),
@@ -92,7 +104,8 @@ def dot_product_attention(
 
 @functools.partial(jax.jit, static_argnames=("options", "mode"))
 def _attention(query, key, value, bias, mask, aux, *, options, mode):
-    del mode  # one implementation so far
+    if mode.implementation == "pallas_tpu":
+        return pallas_tpu_bwd.attention(query, key, value, bias, mask, aux, options)
     return xla.attention(query, key, value, bias, mask, aux, options)
 
 

@@ -34,6 +34,8 @@ class AttentionBlockSizes:
 def default_block_sizes(implementation: str, *, q_len: int, kv_len: int) -> AttentionBlockSizes:
     if implementation == "xla":
         return AttentionBlockSizes(block_q=min(512, q_len), block_kv=min(512, kv_len))
+    # 512 x 512 tiles: the [G*512, 512] f32 logits of a group of G <= 8 heads plus
+    # double-buffered q/k/v/o tiles stay within a 16-32 MiB scoped VMEM budget.
     return AttentionBlockSizes(
         block_q=min(512, -(-q_len // 8) * 8), block_kv=min(512, -(-kv_len // 128) * 128)
     )
