@@ -149,3 +149,29 @@ def test_fused_suite_reports_memory_next_to_the_naive_composition(tmp_path):
         name.startswith("linear_cross_entropy") and impl == "naive (optax)" for name, impl in cases
     )
     assert all(r["error"] is None for r in payload["results"])
+
+
+def test_attention_suite_runs_pallax_and_jax_nn_side_by_side(tmp_path):
+    json_path = tmp_path / "bench.json"
+    assert (
+        main(
+            [
+                "--suite",
+                "attention",
+                "--size",
+                "smoke",
+                "--runs",
+                "1",
+                "--warmup",
+                "1",
+                "--json",
+                str(json_path),
+            ]
+        )
+        == 0
+    )
+    results = json.loads(json_path.read_text())["results"]
+    assert {r["implementation"] for r in results} == {"pallax[xla]", "jax.nn[xla]"}
+    assert all(r["error"] is None and r["flops_per_s"] > 0 for r in results)
+    causal = [r for r in results if "causal" in r["name"]]
+    assert causal and len(causal) == len(results) / 2

@@ -5,9 +5,10 @@ Each suite module has ``cases(size) -> list[Case]`` (timed) and may have
 'smoke' (tests), 'cpu' (this machine), 'full' (an accelerator).
 """
 
-from pallax.bench.suites import collectives, fused, rms_norm
+from pallax.bench.suites import attention, collectives, fused, rms_norm
 
 SUITES = {
+    "attention": attention,
     "collectives": collectives,
     "fused": fused,
     "rms_norm": rms_norm,
