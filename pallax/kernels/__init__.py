@@ -16,6 +16,12 @@ from pallax.kernels.attention import (
     attention_reference,
     dot_product_attention,
 )
+from pallax.kernels.decode_attention import (
+    DecodeBlockSizes,
+    decode_attention,
+    decode_attention_reference,
+    paged_decode_attention,
+)
 from pallax.kernels.gated_mlp import GatedMlpBlockSizes, gated_mlp, gated_mlp_reference
 from pallax.kernels.linear_cross_entropy import (
     LinearCrossEntropyBlockSizes,
@@ -28,12 +34,15 @@ from pallax.kernels.rope import apply_rope, rope_reference
 __all__ = [
     "IMPLEMENTATIONS",
     "AttentionBlockSizes",
+    "DecodeBlockSizes",
     "GatedMlpBlockSizes",
     "KernelMode",
     "LinearCrossEntropyBlockSizes",
     "RmsNormBlockSizes",
     "apply_rope",
     "attention_reference",
+    "decode_attention",
+    "decode_attention_reference",
     "dot_product_attention",
     "gated_mlp",
     "gated_mlp_reference",
@@ -41,6 +50,7 @@ __all__ = [
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
     "lowering_platform",
+    "paged_decode_attention",
     "resolve_implementation",
     "rms_norm",
     "rms_norm_reference",
