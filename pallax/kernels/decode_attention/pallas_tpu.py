@@ -124,12 +124,12 @@ def _kernel(
         l_ref[...] = l_sc[...]
 
 
-def _combine(acc, m, l):
-    """Merge split partials: acc [B, K, n, R, H], m/l [B, K, n, R, 1] -> [B, K, R, H]."""
-    m_all = jnp.max(m, axis=2, keepdims=True)
+def _combine(acc, row_max, row_sum):
+    """Merge split partials: acc [B, K, n, R, H], max/sum [B, K, n, R, 1] -> [B, K, R, H]."""
+    m_all = jnp.max(row_max, axis=2, keepdims=True)
     m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
-    w = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
-    total = jnp.sum(w * l, axis=2)
+    w = jnp.where(jnp.isfinite(row_max), jnp.exp(row_max - m_safe), 0.0)
+    total = jnp.sum(w * row_sum, axis=2)
     out = jnp.sum(w * acc, axis=2)
     return jnp.where(total > 0, out / jnp.where(total > 0, total, 1.0), 0.0)
 
@@ -156,7 +156,7 @@ def _call(q, lengths, pages, k_arr, v_arr, kv_spec_fn, st: _Static, num_blocks: 
         if st.options.interpret is None
         else pltpu.InterpretParams(detect_races=st.options.interpret.detect_races)
     )
-    acc, m, l = pl.pallas_call(
+    acc, row_max, row_sum = pl.pallas_call(
         functools.partial(_kernel, st=st),
         out_shape=(
             jax.ShapeDtypeStruct((b, kh, splits, rows, h), jnp.float32),
@@ -185,7 +185,7 @@ def _call(q, lengths, pages, k_arr, v_arr, kv_spec_fn, st: _Static, num_blocks: 
         interpret=interpret,
         name="pallax_decode_attention",
     )(lengths, pages, q_rows, k_arr, v_arr)
-    out = _combine(acc, m, l)  # [B, K, Tq*G, H]
+    out = _combine(acc, row_max, row_sum)  # [B, K, Tq*G, H]
     out = out.reshape(b, kh, tq, st.g, h).transpose(0, 2, 1, 3, 4).reshape(b, tq, n, h)
     return out.astype(q.dtype)
 
@@ -216,7 +216,7 @@ def decode_attention(q, key_cache, value_cache, lengths, options: Options):
 
 def paged_decode_attention(q, key_pages, value_pages, lengths, page_indices, options: Options):
     """q [B, Tq, N, H]; pages [K, P, page, H]; page_indices [B, pages_per_seq]."""
-    b, tq, n, h = q.shape
+    _, tq, n, h = q.shape
     kh, _, page, _ = key_pages.shape
     per_seq = page_indices.shape[1]
     options = dataclasses.replace(options, block_kv=page)
