@@ -175,3 +175,28 @@ def test_attention_suite_runs_pallax_and_jax_nn_side_by_side(tmp_path):
     assert all(r["error"] is None and r["flops_per_s"] > 0 for r in results)
     causal = [r for r in results if "causal" in r["name"]]
     assert causal and len(causal) == len(results) / 2
+
+
+def test_decode_suite_reports_bandwidth_for_contiguous_and_paged(tmp_path):
+    json_path = tmp_path / "bench.json"
+    assert (
+        main(
+            [
+                "--suite",
+                "decode",
+                "--size",
+                "smoke",
+                "--runs",
+                "1",
+                "--warmup",
+                "1",
+                "--json",
+                str(json_path),
+            ]
+        )
+        == 0
+    )
+    results = json.loads(json_path.read_text())["results"]
+    names = {r["name"].split()[0] for r in results}
+    assert names == {"contiguous", "paged/128"}
+    assert all(r["error"] is None and r["bytes_per_s"] > 0 for r in results)
