@@ -9,7 +9,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from pallax.collectives import pallas_tpu
 from pallax.collectives.ring import all_gather_matmul, matmul_reduce_scatter
-from pallax.kernels import resolve_implementation
+from pallax.kernels import resolve_implementation, tpu_interpret_params
 
 P = PartitionSpec
 
@@ -79,11 +79,7 @@ def collective_matmul(
         "collective_matmul", implementation, available=("xla", "pallas_tpu"), supports=supports
     )
     if mode.implementation == "pallas_tpu":
-        interpret = False
-        if mode.interpret is not None:
-            from jax.experimental.pallas import tpu as pltpu
-
-            interpret = pltpu.InterpretParams(detect_races=mode.interpret.detect_races)
+        interpret = tpu_interpret_params(mode.interpret)
 
         def body(x, w, axis_name, bidirectional):
             del bidirectional

@@ -9,6 +9,7 @@ from pallax.kernels._dispatch import (
     KernelMode,
     interpret_mode,
     lowering_platform,
+    tpu_interpret_params,
 )
 from pallax.kernels._dispatch import resolve as resolve_implementation
 from pallax.kernels.attention import (
@@ -55,4 +56,5 @@ __all__ = [
     "rms_norm",
     "rms_norm_reference",
     "rope_reference",
+    "tpu_interpret_params",
 ]

@@ -170,3 +170,12 @@ def resolve(
             f"{op}: implementation={implementation!r} cannot run on platform {platform!r}: {hint}"
         )
     return KernelMode(implementation)
+
+
+def tpu_interpret_params(config: InterpretConfig | None):
+    """The ``interpret=`` argument of a TPU ``pallas_call``: False, or the interpreter's params."""
+    if config is None:
+        return False
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.InterpretParams(detect_races=config.detect_races)

@@ -65,3 +65,22 @@ def tile_of(array: jax.Array | None, q_start, bq: int, k_start, bk: int) -> jax.
     if array.shape[-1] != 1:
         array = jax.lax.dynamic_slice_in_dim(array, k_start, bk, axis=array.ndim - 1)
     return array
+
+
+def online_softmax_step(m_ref, l_ref, acc_ref, s, v):
+    """One key block of the online softmax, on VMEM scratch refs (kernels) or arrays.
+
+    s: masked logits [R, bk] f32 (-inf where masked); v: [bk, H]. The running max
+    m [R, 1], sum l [R, 1] and output acc [R, H] are updated in place. A row that
+    has seen only -inf keeps m = -inf and adds nothing.
+    """
+    m_prev = m_ref[...]
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(s - m_safe)
+    alpha = jnp.exp(m_prev - m_safe)
+    l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+    acc_ref[...] = alpha * acc_ref[...] + jax.lax.dot_general(
+        p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+    )
+    m_ref[...] = m_new

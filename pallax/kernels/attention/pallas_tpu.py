@@ -19,9 +19,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallax.kernels._dispatch import InterpretConfig
+from pallax.kernels._dispatch import InterpretConfig, tpu_interpret_params
 from pallax.kernels.attention import _tpu_tiles as tiles
-from pallax.kernels.attention.masks import MaskSpec
+from pallax.kernels.attention.masks import MaskSpec, online_softmax_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,18 +162,8 @@ def _forward_kernel(lengths_ref, *refs, st: tiles.Static, names):
     @pl.when((j >= first) & (j <= last))
     def _compute():
         s, ok, _ = tiles.tile(st, refs_in, b, i, j)  # [G*bq, bk]
-        s = jnp.where(ok, s, -jnp.inf)
-        m_prev = m_sc[...]
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp(s - m_safe)
-        alpha = jnp.exp(m_prev - m_safe)
-        l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
         v = tiles.masked_value(st, refs_in["v"][...], j)
-        acc_sc[...] = alpha * acc_sc[...] + jax.lax.dot_general(
-            p.astype(v.dtype), v, tiles.NN, preferred_element_type=jnp.float32
-        )
-        m_sc[...] = m_new
+        online_softmax_step(m_sc, l_sc, acc_sc, jnp.where(ok, s, -jnp.inf), v)
 
     @pl.when(j == st.nk - 1)
     def _finish():
@@ -186,9 +176,7 @@ def _forward_kernel(lengths_ref, *refs, st: tiles.Static, names):
 
 
 def interpret_params(options: Options):
-    if options.interpret is None:
-        return False
-    return pltpu.InterpretParams(detect_races=options.interpret.detect_races)
+    return tpu_interpret_params(options.interpret)
 
 
 def lengths_of(aux, b, t, s):

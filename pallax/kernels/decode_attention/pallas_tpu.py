@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallax.kernels._dispatch import InterpretConfig
-from pallax.kernels.attention.masks import MaskSpec, allowed
+from pallax.kernels._dispatch import InterpretConfig, tpu_interpret_params
+from pallax.kernels.attention.masks import MaskSpec, allowed, online_softmax_step
 
 _NT = (((1,), (1,)), ((), ()))
 _NN = (((1,), (0,)), ((), ()))
@@ -105,17 +105,7 @@ def _kernel(
         s = s * st.options.scale
         if st.options.soft_cap is not None:
             s = st.options.soft_cap * jnp.tanh(s / st.options.soft_cap)
-        s = jnp.where(ok, s, -jnp.inf)
-        m_prev = m_sc[...]
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp(s - m_safe)
-        alpha = jnp.exp(m_prev - m_safe)
-        l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
-        acc_sc[...] = alpha * acc_sc[...] + jax.lax.dot_general(
-            p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32
-        )
-        m_sc[...] = m_new
+        online_softmax_step(m_sc, l_sc, acc_sc, jnp.where(ok, s, -jnp.inf), v)
 
     @pl.when(j == st.per_split - 1)
     def _finish():
@@ -151,11 +141,7 @@ def _call(q, lengths, pages, k_arr, v_arr, kv_spec_fn, st: _Static, num_blocks: 
     part = lambda last: pl.BlockSpec(
         (None, None, None, rows, last), lambda bi, k, sp, j, *_: (bi, k, sp, 0, 0)
     )
-    interpret = (
-        False
-        if st.options.interpret is None
-        else pltpu.InterpretParams(detect_races=st.options.interpret.detect_races)
-    )
+    interpret = tpu_interpret_params(st.options.interpret)
     acc, row_max, row_sum = pl.pallas_call(
         functools.partial(_kernel, st=st),
         out_shape=(

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallax.kernels._dispatch import InterpretConfig
+from pallax.kernels._dispatch import InterpretConfig, tpu_interpret_params
 from pallax.kernels.gated_mlp.activations import activation_and_grad
 from pallax.kernels.gated_mlp.config import GatedMlpBlockSizes
 
@@ -157,11 +157,7 @@ def _specs(bm, bf, dim, row_axis, ff_axis):
 
 
 def _call(kernel, out_shape, grid, in_specs, out_specs, scratch, options, name, flops, nbytes):
-    interpret = (
-        False
-        if options.interpret is None
-        else pltpu.InterpretParams(detect_races=options.interpret.detect_races)
-    )
+    interpret = tpu_interpret_params(options.interpret)
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallax.kernels._dispatch import InterpretConfig
+from pallax.kernels._dispatch import InterpretConfig, tpu_interpret_params
 from pallax.kernels.linear_cross_entropy.config import LinearCrossEntropyBlockSizes
 from pallax.kernels.linear_cross_entropy.xla import capped, dlogits_raw
 
@@ -34,12 +34,6 @@ class Options:
     soft_cap: float | None
     block_sizes: LinearCrossEntropyBlockSizes
     interpret: InterpretConfig | None
-
-
-def _interpret(options: Options):
-    if options.interpret is None:
-        return False
-    return pltpu.InterpretParams(detect_races=options.interpret.detect_races)
 
 
 def _tile_logits(h_ref, w_ref, i, j, *, tokens, vocab, soft_cap):
@@ -205,7 +199,7 @@ def _call(kernel, out_shape, grid, in_specs, out_specs, scratch, options, name, 
         out_specs=out_specs,
         scratch_shapes=scratch,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
-        interpret=_interpret(options),
+        interpret=tpu_interpret_params(options.interpret),
         name=name,
         cost_estimate=cost,
     )

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallax.kernels._dispatch import InterpretConfig
+from pallax.kernels._dispatch import InterpretConfig, tpu_interpret_params
 from pallax.kernels.rms_norm import xla
 from pallax.kernels.rms_norm.config import RmsNormBlockSizes
 
@@ -34,12 +34,6 @@ class Options:
     scale_offset: float
     block_sizes: RmsNormBlockSizes
     interpret: InterpretConfig | None
-
-
-def _interpret_params(config: InterpretConfig | None):
-    if config is None:
-        return False
-    return pltpu.InterpretParams(detect_races=config.detect_races)
 
 
 def _scale_f32(scale_ref, scale_offset: float) -> jax.Array:
@@ -97,7 +91,7 @@ def _forward(x: jax.Array, scale: jax.Array, options: Options) -> jax.Array:
             transcendentals=rows,
             bytes_accessed=2 * rows * dim * itemsize + dim * scale.dtype.itemsize,
         ),
-        interpret=_interpret_params(options.interpret),
+        interpret=tpu_interpret_params(options.interpret),
         name="pallax_rms_norm_fwd",
     )(x, scale.reshape(1, dim))
 
@@ -130,7 +124,7 @@ def _backward(x, scale, dy, options: Options) -> tuple[jax.Array, jax.Array]:
             transcendentals=rows,
             bytes_accessed=3 * rows * dim * itemsize + (num_blocks + 1) * dim * 4,
         ),
-        interpret=_interpret_params(options.interpret),
+        interpret=tpu_interpret_params(options.interpret),
         name="pallax_rms_norm_bwd",
     )(x, scale.reshape(1, dim), dy)
     dscale = jnp.sum(dscale_partial[:, 0, :], axis=0)  # [num_blocks, D] -> [D]
