@@ -1,0 +1,161 @@
+"""The Gemini-style decoder as plain functions over the params pytree.
+
+  tokens [B, T] -> embed * sqrt(D) -> L x block -> rms_norm -> (tied) output projection
+
+  block(x):  h = rms_norm(x);  q, k, v = projections(h)  (K KV heads shared by N query heads)
+             q, k = rope(q), rope(k);  x += out_proj(attention(q, k, v, causal, segments))
+             h = rms_norm(x);  x += gated_mlp(h)
+
+Every op goes through pallax's dispatch with ``config.implementation``; the
+loss is ``linear_cross_entropy`` on the final hidden states, so the [B, T, V]
+logits are never materialised in training. Activations carry logical axes
+(``pallax.sharding.shard``: a no-op without a mesh) and checkpoint names for
+the remat policy.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from pallax.kernels import (
+    apply_rope,
+    dot_product_attention,
+    gated_mlp,
+    linear_cross_entropy,
+    rms_norm,
+)
+from pallax.model.config import PAD, Config
+from pallax.sharding import shard
+
+_ACT = ("batch", "length", "act_embed")
+
+
+def _policy(config: Config):
+    if config.remat == "save_attention":
+        return jax.checkpoint_policies.save_only_these_names("attention_out")
+    return jax.checkpoint_policies.nothing_saveable
+
+
+def project_qkv(layer, h_btd, positions_bt, config: Config):
+    """Query [B, T, N, H] and key/value [B, T, K, H] of one block, RoPE applied."""
+    dtype = jnp.dtype(config.dtype)
+    q = jnp.einsum("btd,dnh->btnh", h_btd, layer["wq"].astype(dtype))
+    k = jnp.einsum("btd,dkh->btkh", h_btd, layer["wk"].astype(dtype))
+    v = jnp.einsum("btd,dkh->btkh", h_btd, layer["wv"].astype(dtype))
+    q = apply_rope(q, positions_bt, base=config.rope_base)
+    k = apply_rope(k, positions_bt, base=config.rope_base)
+    q = shard(q, ("batch", "length", "heads", "head_dim"))
+    return checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
+
+
+def attention_out(layer, o_btnh, config: Config):
+    out = jnp.einsum("btnh,nhd->btd", o_btnh, layer["wo"].astype(jnp.dtype(config.dtype)))
+    return checkpoint_name(out, "attention_out")
+
+
+def mlp_block(layer, x_btd, config: Config):
+    dtype = jnp.dtype(config.dtype)
+    h = rms_norm(x_btd, layer["mlp_norm"], scale_offset=1.0, implementation=config.implementation)
+    out = gated_mlp(
+        h,
+        layer["w_gate"].astype(dtype),
+        layer["w_up"].astype(dtype),
+        layer["w_down"].astype(dtype),
+        activation=config.activation,
+        implementation=config.implementation,
+    )
+    return shard(x_btd + checkpoint_name(out, "mlp_out"), _ACT)
+
+
+def _block(x_btd, layer, positions_bt, segment_ids, config: Config):
+    h = rms_norm(x_btd, layer["attn_norm"], scale_offset=1.0, implementation=config.implementation)
+    q, k, v = project_qkv(layer, h, positions_bt, config)
+    o = dot_product_attention(
+        q,
+        k,
+        v,
+        is_causal=True,
+        segment_ids=segment_ids,
+        logits_soft_cap=config.logits_soft_cap,
+        implementation=config.implementation,
+    )
+    x_btd = shard(x_btd + attention_out(layer, o, config), _ACT)
+    return mlp_block(layer, x_btd, config)
+
+
+def embed(params, tokens_bt, config: Config):
+    dtype = jnp.dtype(config.dtype)
+    x = jnp.take(params["embed"], tokens_bt, axis=0).astype(dtype) * jnp.sqrt(
+        jnp.asarray(config.d_model, dtype)
+    )
+    return shard(x, _ACT)
+
+
+def forward_embedded(params, x_btd, config: Config, *, positions=None, segment_ids=None):
+    """Blocks and final norm on embedded inputs [B, T, D] -> hidden [B, T, D]."""
+    b, t, _ = x_btd.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+    def body(x, layer):
+        return _block(x, layer, positions, segment_ids, config), None
+
+    if config.remat != "none":
+        body = jax.checkpoint(body, policy=_policy(config))
+    x, _ = jax.lax.scan(body, x_btd, params["layers"])
+    return rms_norm(x, params["final_norm"], scale_offset=1.0, implementation=config.implementation)
+
+
+def forward(params, tokens_bt, config: Config, *, positions=None, segment_ids=None):
+    """tokens [B, T] int -> final hidden states [B, T, D]."""
+    return forward_embedded(
+        params,
+        embed(params, tokens_bt, config),
+        config,
+        positions=positions,
+        segment_ids=segment_ids,
+    )
+
+
+def output_weight(params, config: Config):
+    """[D, V]: the tied embedding (transposed) or the separate unembedding."""
+    w = params["embed"].T if config.tie_embeddings else params["unembed"]
+    return w.astype(jnp.dtype(config.dtype))
+
+
+def logits(params, hidden_btd, config: Config):
+    """[B, T, V] f32 logits (for generation and tests; training uses ``loss``)."""
+    out = jnp.einsum(
+        "btd,dv->btv", hidden_btd, output_weight(params, config), preferred_element_type=jnp.float32
+    )
+    if config.logits_soft_cap is not None:
+        out = config.logits_soft_cap * jnp.tanh(out / config.logits_soft_cap)
+    return out
+
+
+def loss(params, batch, config: Config, *, z_loss: float = 0.0):
+    """Mean next-token cross-entropy over ``batch['targets'] != PAD`` tokens.
+
+    batch: tokens, targets [B, T] int; optional positions, segment_ids [B, T].
+    """
+    segments = batch.get("segment_ids")
+    hidden = forward(
+        params,
+        batch["tokens"],
+        config,
+        positions=batch.get("positions"),
+        segment_ids=None if segments is None else (segments, segments),
+    )
+    value, lse = linear_cross_entropy(
+        hidden.reshape(-1, config.d_model),
+        output_weight(params, config),
+        batch["targets"].reshape(-1),
+        logits_soft_cap=config.logits_soft_cap,
+        z_loss=z_loss,
+        ignore_index=PAD,
+        return_lse=True,
+        implementation=config.implementation,
+    )
+    return value, {"lse_mean": jnp.mean(lse)}
