@@ -27,11 +27,13 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	HYPOTHESIS_PROFILE=thorough $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
-# The main job. Until the model lands, it is the benchmark suite at CPU size.
+# The main job: train the tiny decoder on the shipped corpus (about two minutes on
+# two cores), print a sample, write train.json.
 demo: $(STAMP)
-	$(PY) -m pallax.bench --json bench.json --plot roofline.png
+	$(PY) -m pallax.train --preset tiny --steps 600 --json train.json
 
-bench: demo
+bench: $(STAMP)
+	$(PY) -m pallax.bench --json bench.json --plot roofline.png
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pallax tests
@@ -42,4 +44,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format pallax tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .benchmarks bench.json roofline.png
+	rm -rf $(VENV) .pytest_cache .hypothesis .benchmarks bench.json roofline.png train.json

@@ -135,10 +135,12 @@ def logits(params, hidden_btd, config: Config):
     return out
 
 
-def loss(params, batch, config: Config, *, z_loss: float = 0.0):
-    """Mean next-token cross-entropy over ``batch['targets'] != PAD`` tokens.
+def loss(params, batch, config: Config, *, z_loss: float = 0.0, reduction: str = "mean"):
+    """Next-token cross-entropy over ``batch['targets'] != PAD`` tokens.
 
     batch: tokens, targets [B, T] int; optional positions, segment_ids [B, T].
+    reduction: 'mean' over counted tokens, or 'sum' (for accumulation across
+    microbatches, divided later by the total count). Returns (loss, metrics).
     """
     segments = batch.get("segment_ids")
     hidden = forward(
@@ -155,7 +157,9 @@ def loss(params, batch, config: Config, *, z_loss: float = 0.0):
         logits_soft_cap=config.logits_soft_cap,
         z_loss=z_loss,
         ignore_index=PAD,
+        reduction=reduction,
         return_lse=True,
         implementation=config.implementation,
     )
-    return value, {"lse_mean": jnp.mean(lse)}
+    counted = jnp.sum(batch["targets"] != PAD)
+    return value, {"lse_mean": jnp.mean(lse), "tokens": counted}

@@ -1,0 +1,245 @@
+"""python -m pallax.train: train the Gemini-style decoder on the shipped corpus.
+
+On a CPU-only machine the default mesh is 8 simulated CPU devices
+(data=2, fsdp=2, tensor=2). ``--processes N`` runs N local jax.distributed
+processes (coordinator on 127.0.0.1, gloo collectives) that share the mesh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+_DEVICES = 8
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m pallax.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--preset", default="tiny", help="model preset: tiny, small, nano1, nano2")
+    p.add_argument("--steps", type=int, default=300, help="training steps")
+    p.add_argument("--batch", type=int, default=16, help="global batch (sequences per step)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--microbatches", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument(
+        "--mesh",
+        default=None,
+        help="mesh axes, e.g. data=2,fsdp=2,tensor=2 (default: that on 8 CPU devices, "
+        "else fsdp over all devices)",
+    )
+    p.add_argument(
+        "--implementation",
+        default=None,
+        help="kernel implementation for every op (default: best for the platform)",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="run N local jax.distributed processes (gloo on 127.0.0.1)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-tokens", type=int, default=64, help="tokens to generate at the end")
+    p.add_argument("--json", metavar="PATH", help="write the run's summary as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def _launch(args, argv) -> int:
+    """Starts args.processes copies of this command as jax.distributed processes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for pid in range(args.processes):
+        env = {
+            **os.environ,
+            "PALLAX_COORDINATOR": f"127.0.0.1:{port}",
+            "PALLAX_NUM_PROCESSES": str(args.processes),
+            "PALLAX_PROCESS_ID": str(pid),
+            "JAX_PLATFORMS": "cpu",
+        }
+        child = [a for a in argv if not a.startswith("--processes")]
+        if "--processes" in argv:
+            i = argv.index("--processes")
+            child = argv[:i] + argv[i + 2 :]
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "pallax.train", *child],
+                env=env,
+                stdout=None if pid == 0 else subprocess.DEVNULL,
+            )
+        )
+    codes = [p.wait() for p in procs]
+    return max(codes)
+
+
+def _setup_jax():
+    """8 CPU devices in all, spread over the processes; joins jax.distributed when launched
+    by ``--processes`` (a caller that initialised jax.distributed itself sets only
+    PALLAX_NUM_PROCESSES)."""
+    import jax
+
+    num = int(os.environ.get("PALLAX_NUM_PROCESSES", "1"))
+    with contextlib.suppress(RuntimeError):  # the backend may already be up (tests)
+        jax.config.update("jax_num_cpu_devices", _DEVICES // num)
+    if "PALLAX_COORDINATOR" in os.environ:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=os.environ["PALLAX_COORDINATOR"],
+            num_processes=num,
+            process_id=int(os.environ["PALLAX_PROCESS_ID"]),
+        )
+    return jax
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.processes > 1 and "PALLAX_PROCESS_ID" not in os.environ:
+        return _launch(args, argv)
+    jax = _setup_jax()
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from pallax.bench import device_peaks
+    from pallax.model import PRESETS, data, generate
+    from pallax.model.train import (
+        TrainConfig,
+        batch_sharding,
+        init_state,
+        make_train_step,
+        step_flops,
+    )
+    from pallax.sharding import MeshConfig, make_mesh
+
+    if args.preset not in PRESETS:
+        raise SystemExit(f"unknown --preset {args.preset!r}; choose from {sorted(PRESETS)}")
+    config = PRESETS[args.preset].replace(
+        max_seq_len=max(PRESETS[args.preset].max_seq_len, args.seq_len + args.sample_tokens + 8),
+        implementation=args.implementation,
+    )
+    devices = jax.devices()
+    if args.mesh:
+        mesh_config = MeshConfig.parse(args.mesh)
+    elif devices[0].platform == "cpu" and len(devices) == _DEVICES:
+        mesh_config = MeshConfig(data=2, fsdp=2, tensor=2)
+    else:
+        mesh_config = MeshConfig()
+    mesh = make_mesh(mesh_config)
+    tc = TrainConfig(
+        learning_rate=args.lr,
+        total_steps=args.steps,
+        warmup_steps=min(20, args.steps // 10),
+        microbatches=args.microbatches,
+        seed=args.seed,
+    )
+    lead = jax.process_index() == 0
+    peaks = device_peaks()
+    start = time.perf_counter()
+    state = init_state(config, tc, mesh, jax.random.key(args.seed))
+    train_step = make_train_step(config, tc, mesh)
+    iterator = data.DataIterator(data.PackedRows.build(args.seq_len), args.batch, seed=args.seed)
+    sharding = batch_sharding(mesh)
+
+    def put(batch):
+        return {
+            k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+            for k, v in batch.items()
+        }
+
+    flops = step_flops(config, args.batch * args.seq_len)
+    history, tokens_seen, step_times = [], 0, []
+    progress = None
+    if lead and not args.quiet:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        progress = Progress(
+            TextColumn("step {task.completed}/{task.total}"),
+            BarColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeRemainingColumn(),
+        )
+        progress.start()
+        task = progress.add_task("train", total=args.steps, status="compiling")
+    for step in range(args.steps):
+        t0 = time.perf_counter()
+        state, metrics = train_step(state, put(next(iterator)))
+        metrics = jax.device_get(metrics)
+        dt = time.perf_counter() - t0
+        if step > 0:  # the first step compiles
+            step_times.append(dt)
+        tokens_seen += int(metrics["tokens"])
+        history.append(float(metrics["loss"]))
+        if progress is not None:
+            tps = args.batch * args.seq_len / dt
+            mfu = flops / dt / peaks.flops_per_s
+            progress.update(
+                task,
+                advance=1,
+                status=(
+                    f"loss {metrics['loss']:.3f}  {tps:,.0f} tok/s  MFU {100 * mfu:.1f}%  "
+                    f"lr {metrics['learning_rate']:.2e}"
+                ),
+            )
+    if progress is not None:
+        progress.stop()
+    params = (
+        multihost_utils.process_allgather(state.params, tiled=True)
+        if (jax.process_count() > 1)
+        else jax.device_get(state.params)
+    )
+    prompt = data.encode("Hacker: ")[None]
+    local = jax.local_devices()[0]
+    with jax.default_device(local):
+        sample = generate(jax.device_put(params, local), config, prompt, args.sample_tokens)
+    median = float(np.median(step_times)) if step_times else float("nan")
+    checksum = float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree.leaves(params)))
+    summary = {
+        "preset": args.preset,
+        "steps": args.steps,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "mesh": dict(mesh.shape),
+        "processes": jax.process_count(),
+        "devices": len(devices),
+        "device_kind": devices[0].device_kind,
+        "first_loss": history[0],
+        "final_loss": history[-1],
+        "loss_history": history,
+        "tokens": tokens_seen,
+        "median_step_s": median,
+        "tokens_per_s": args.batch * args.seq_len / median,
+        "mfu": flops / median / peaks.flops_per_s,
+        "peak_flops_per_s": peaks.flops_per_s,
+        "peak_source": peaks.source,
+        "wall_s": time.perf_counter() - start,
+        "param_checksum": checksum,
+        "data_state": iterator.state(),
+        "sample": data.decode(sample[0]),
+    }
+    if lead:
+        print(
+            f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f} over {args.steps} "
+            f"steps; {summary['tokens_per_s']:,.0f} tokens/s; MFU {100 * summary['mfu']:.1f}% "
+            f"of {peaks.flops_per_s / 1e12:.2f} TFLOP/s ({peaks.source})"
+        )
+        print(f"sample: Hacker: {summary['sample']!r}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(summary, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
