@@ -30,7 +30,7 @@ test-slow: $(STAMP)
 # The main job: train the tiny decoder on the shipped corpus (about two minutes on
 # two cores), print a sample, write train.json.
 demo: $(STAMP)
-	$(PY) -m pallax.train --preset tiny --steps 600 --json train.json
+	$(PY) -m pallax.train --preset tiny --steps 1500 --batch 32 --json train.json
 
 bench: $(STAMP)
 	$(PY) -m pallax.bench --json bench.json --plot roofline.png

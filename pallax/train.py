@@ -48,6 +48,12 @@ def parse_args(argv=None):
         default=1,
         help="run N local jax.distributed processes (gloo on 127.0.0.1)",
     )
+    p.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="persistent checkpoints (Orbax); resumes from the newest one there",
+    )
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between saves")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-tokens", type=int, default=64, help="tokens to generate at the end")
     p.add_argument("--json", metavar="PATH", help="write the run's summary as JSON")
@@ -119,6 +125,7 @@ def main(argv=None) -> int:
         batch_sharding,
         init_state,
         make_train_step,
+        state_shardings,
         step_flops,
     )
     from pallax.sharding import MeshConfig, make_mesh
@@ -151,6 +158,20 @@ def main(argv=None) -> int:
     train_step = make_train_step(config, tc, mesh)
     iterator = data.DataIterator(data.PackedRows.build(args.seq_len), args.batch, seed=args.seed)
     sharding = batch_sharding(mesh)
+    checkpointer, first_step = None, 0
+    if args.checkpoint_dir:
+        from pallax.model.checkpoint import Checkpointer
+
+        checkpointer = Checkpointer(args.checkpoint_dir)
+        latest = checkpointer.latest_step()
+        if latest is not None:
+            state, data_state = checkpointer.restore(
+                latest, state_shardings(config, tc, mesh), state
+            )
+            iterator.restore(data_state)
+            first_step = latest
+            if lead:
+                print(f"resumed from step {latest} in {args.checkpoint_dir}")
 
     def put(batch):
         return {
@@ -171,14 +192,20 @@ def main(argv=None) -> int:
             TimeRemainingColumn(),
         )
         progress.start()
-        task = progress.add_task("train", total=args.steps, status="compiling")
-    for step in range(args.steps):
+        task = progress.add_task(
+            "train", total=args.steps, status="compiling", completed=first_step
+        )
+    for step in range(first_step, args.steps):
         t0 = time.perf_counter()
         state, metrics = train_step(state, put(next(iterator)))
         metrics = jax.device_get(metrics)
         dt = time.perf_counter() - t0
-        if step > 0:  # the first step compiles
+        if step > first_step:  # the first step compiles
             step_times.append(dt)
+        if checkpointer is not None and (
+            (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps
+        ):
+            checkpointer.save(step + 1, state, iterator.state())
         tokens_seen += int(metrics["tokens"])
         history.append(float(metrics["loss"]))
         if progress is not None:
@@ -194,6 +221,8 @@ def main(argv=None) -> int:
             )
     if progress is not None:
         progress.stop()
+    if checkpointer is not None:
+        checkpointer.wait()
     params = (
         multihost_utils.process_allgather(state.params, tiled=True)
         if (jax.process_count() > 1)
@@ -214,8 +243,9 @@ def main(argv=None) -> int:
         "processes": jax.process_count(),
         "devices": len(devices),
         "device_kind": devices[0].device_kind,
-        "first_loss": history[0],
-        "final_loss": history[-1],
+        "first_step": first_step,
+        "first_loss": history[0] if history else None,
+        "final_loss": history[-1] if history else None,
         "loss_history": history,
         "tokens": tokens_seen,
         "median_step_s": median,
@@ -229,11 +259,13 @@ def main(argv=None) -> int:
         "sample": data.decode(sample[0]),
     }
     if lead:
-        print(
-            f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f} over {args.steps} "
-            f"steps; {summary['tokens_per_s']:,.0f} tokens/s; MFU {100 * summary['mfu']:.1f}% "
-            f"of {peaks.flops_per_s / 1e12:.2f} TFLOP/s ({peaks.source})"
-        )
+        if history:
+            print(
+                f"loss {history[0]:.3f} -> {history[-1]:.3f} over steps {first_step}.."
+                f"{args.steps}; {summary['tokens_per_s']:,.0f} tokens/s; "
+                f"MFU {100 * summary['mfu']:.1f}% of {peaks.flops_per_s / 1e12:.2f} TFLOP/s "
+                f"({peaks.source})"
+            )
         print(f"sample: Hacker: {summary['sample']!r}")
         if args.json:
             with open(args.json, "w") as f:

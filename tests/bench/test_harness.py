@@ -200,3 +200,29 @@ def test_decode_suite_reports_bandwidth_for_contiguous_and_paged(tmp_path):
     names = {r["name"].split()[0] for r in results}
     assert names == {"contiguous", "paged/128"}
     assert all(r["error"] is None and r["bytes_per_s"] > 0 for r in results)
+
+
+def test_model_suite_reports_mfu_of_the_train_step(tmp_path):
+    json_path = tmp_path / "bench.json"
+    assert (
+        main(
+            [
+                "--suite",
+                "model",
+                "--size",
+                "smoke",
+                "--runs",
+                "2",
+                "--warmup",
+                "1",
+                "--json",
+                str(json_path),
+            ]
+        )
+        == 0
+    )
+    payload = json.loads(json_path.read_text())
+    (result,) = payload["results"]
+    assert result["error"] is None and 0 < result["roofline_fraction"] < 1
+    components = {r["component"] for r in payload["reports"]["model"]}
+    assert components == {"rms_norm", "attention", "gated_mlp", "linear_cross_entropy"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -136,3 +137,25 @@ main(["--steps", "4", "--batch", "8", "--seq-len", "32", "--quiet", "--sample-to
         np.array(b["loss_history"]), np.array(a["loss_history"]), reduction_length=1 << 16
     )
     assert b["param_checksum"] == pytest.approx(a["param_checksum"], rel=1e-6)
+
+
+def test_main_command_resumes_from_its_checkpoint(tmp_path):
+    code = """
+from pallax.train import main
+main(["--steps", "{steps}", "--batch", "8", "--seq-len", "32", "--quiet", "--sample-tokens", "2",
+      "--checkpoint-every", "3", "--json", "{out}"{extra}])
+"""
+    straight = tmp_path / "straight.json"
+    run_with_cpu_devices(code.format(steps=6, out=straight, extra=""))
+    ckpt = tmp_path / "ckpt"
+    run_with_cpu_devices(
+        code.format(steps=6, out=tmp_path / "first.json", extra=f', "--checkpoint-dir", "{ckpt}"')
+    )
+    # As if the job died after step 3: only the step-3 checkpoint survives.
+    shutil.rmtree(ckpt / "6")
+    run_with_cpu_devices(
+        code.format(steps=6, out=tmp_path / "second.json", extra=f', "--checkpoint-dir", "{ckpt}"')
+    )
+    second = json.loads((tmp_path / "second.json").read_text())
+    assert second["first_step"] == 3 and second["data_state"]["position"] == 6
+    assert second["param_checksum"] == json.loads(straight.read_text())["param_checksum"]
