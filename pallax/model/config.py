@@ -34,6 +34,10 @@ class Config:
     param_dtype: str = "float32"  # master weights
     remat: str = "none"
     implementation: str | None = None  # kernel dispatch for every op
+    # Under a mesh whose 'tensor' axis has more than one device, run the MLP as
+    # ring collective matmuls over 'tensor' (all-gather -> up/gate, down ->
+    # reduce-scatter) instead of leaving its collectives to GSPMD.
+    tensor_parallel_collectives: bool = False
 
     def __post_init__(self):
         positive = (

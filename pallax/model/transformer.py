@@ -18,7 +18,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
+from pallax.collectives import all_gather_matmul, matmul_reduce_scatter
 from pallax.kernels import (
     apply_rope,
     dot_product_attention,
@@ -26,6 +28,7 @@ from pallax.kernels import (
     linear_cross_entropy,
     rms_norm,
 )
+from pallax.kernels.gated_mlp.activations import activation
 from pallax.model.config import PAD, Config
 from pallax.sharding import shard
 
@@ -55,9 +58,55 @@ def attention_out(layer, o_btnh, config: Config):
     return checkpoint_name(out, "attention_out")
 
 
+def _tensor_axis_size() -> int:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or "tensor" not in mesh.axis_names:
+        return 1
+    return mesh.shape["tensor"]
+
+
+def _collective_mlp(h_btd, w_gate, w_up, w_down, config: Config):
+    """The MLP as ring collective matmuls over 'tensor' (sequence-parallel rows).
+
+    Rows (tokens) are split over 'tensor'; all_gather_matmul gathers them behind
+    the [D, 2F/n] gate|up matmul and matmul_reduce_scatter scatters the summed
+    [rows, D] output behind the down projection. Other mesh axes stay with GSPMD.
+    """
+    b, t, d = h_btd.shape
+    n = _tensor_axis_size()
+    # Interleave per shard so each device's [D, 2F/n] block is [gate_local | up_local].
+    w_gate_up = jnp.concatenate([w_gate.reshape(d, n, -1), w_up.reshape(d, n, -1)], axis=2).reshape(
+        d, -1
+    )
+
+    def body(x_rows, w_gu, w_d):  # [rows/n, D], [D, 2F/n], [F/n, D]
+        gate, up = jnp.split(all_gather_matmul(x_rows, w_gu, axis_name="tensor"), 2, axis=1)
+        hidden = (activation(config.activation, gate.astype(jnp.float32)) * up).astype(w_d.dtype)
+        return matmul_reduce_scatter(hidden, w_d, axis_name="tensor")
+
+    out = jax.shard_map(
+        body,
+        in_specs=(P("tensor", None), P(None, "tensor"), P("tensor", None)),
+        out_specs=P("tensor", None),
+        axis_names={"tensor"},
+    )(h_btd.reshape(b * t, d), w_gate_up, w_down)
+    return out.reshape(b, t, d)
+
+
 def mlp_block(layer, x_btd, config: Config):
     dtype = jnp.dtype(config.dtype)
     h = rms_norm(x_btd, layer["mlp_norm"], scale_offset=1.0, implementation=config.implementation)
+    n = _tensor_axis_size()
+    b, t, _ = x_btd.shape
+    if config.tensor_parallel_collectives and n > 1 and (b * t) % n == 0 and config.d_ff % n == 0:
+        out = _collective_mlp(
+            h,
+            layer["w_gate"].astype(dtype),
+            layer["w_up"].astype(dtype),
+            layer["w_down"].astype(dtype),
+            config,
+        )
+        return shard(x_btd + checkpoint_name(out, "mlp_out"), _ACT)
     out = gated_mlp(
         h,
         layer["w_gate"].astype(dtype),

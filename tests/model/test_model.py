@@ -163,3 +163,29 @@ def test_remat_policies_give_the_same_gradients():
 
 def test_tiny_config_is_the_default():
     assert Config() == TINY
+
+
+def test_tensor_parallel_collective_matmuls_match_and_overlap(cpu_devices):
+    from pallax.collectives import overlap_report
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=4), devices=cpu_devices)
+    config = TINY.replace(tensor_parallel_collectives=True)
+    params = init_params(config, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, 256)
+    batch = {"tokens": tokens, "targets": jnp.roll(tokens, -1, axis=1)}
+    sharded = jax.device_put(params, named_shardings(param_axes(config), mesh, shapes=params))
+
+    def step(p, b, c):
+        return jax.value_and_grad(lambda p: loss(p, b, c)[0])(p)
+
+    with jax.set_mesh(mesh):
+        fn = jax.jit(lambda p, b: step(p, b, config))
+        value, grads = fn(sharded, batch)
+        report = overlap_report(fn.lower(sharded, batch).compile())
+    ref_value, ref_grads = jax.jit(lambda p, b: step(p, b, TINY))(params, batch)
+    assert_allclose(value, ref_value, reduction_length=TINY.d_model * 16)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        assert_allclose(got, want, reduction_length=TINY.d_model * 64)
+    # The rings' ppermutes (GSPMD adds its own resharding permutes, named otherwise).
+    ring = [c for c in report.collectives if c.name.startswith("ppermute")]
+    assert len(ring) >= 6 and all(c.independent_dots for c in ring), str(report)
