@@ -43,6 +43,11 @@ def parse_args(argv=None):
         help="kernel implementation for every op (default: best for the platform)",
     )
     p.add_argument(
+        "--tensor-parallel-collectives",
+        action="store_true",
+        help="run the MLP as overlapped ring collective matmuls over 'tensor'",
+    )
+    p.add_argument(
         "--processes",
         type=int,
         default=1,
@@ -135,6 +140,7 @@ def main(argv=None) -> int:
     config = PRESETS[args.preset].replace(
         max_seq_len=max(PRESETS[args.preset].max_seq_len, args.seq_len + args.sample_tokens + 8),
         implementation=args.implementation,
+        tensor_parallel_collectives=args.tensor_parallel_collectives,
     )
     devices = jax.devices()
     if args.mesh:
