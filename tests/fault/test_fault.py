@@ -104,3 +104,33 @@ def test_majority_names_the_bad_replica():
     assert disagreeing_replicas([good, good, good]) == []
     assert disagreeing_replicas([good, bad, good]) == [1]
     assert disagreeing_replicas([good, bad]) == [0, 1]  # no majority: replay must decide
+
+
+def test_replica_fingerprints_name_the_replica_with_a_flipped_bit(cpu_devices):
+    from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+    from pallax.fault import flip_bit, replica_fingerprints
+
+    mesh = Mesh(
+        np.asarray(cpu_devices).reshape(4, 2), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2
+    )
+    params = {
+        "w": jax.device_put(
+            jnp.arange(64.0).reshape(8, 8), NamedSharding(mesh, PartitionSpec(None, "tensor"))
+        ),
+        "b": jax.device_put(jnp.ones(8), NamedSharding(mesh, PartitionSpec())),
+    }
+    clean = replica_fingerprints(params, mesh, "data")
+    assert clean.shape[0] == 4 and disagreeing_replicas(clean) == []
+    # Device 5 is (data=2, tensor=1) in this mesh: corrupt its copy of "w".
+    corrupted = dict(params, w=flip_bit(params["w"], device_index=5, element=3, bit=30))
+    fps = replica_fingerprints(corrupted, mesh, "data")
+    assert disagreeing_replicas(fps) == [2]
+
+
+def test_scanner_passes_healthy_devices(cpu_devices):
+    from pallax.fault import scan
+
+    results = scan(cpu_devices[:2])
+    assert len(results) == 2 and all(r.ok and r.matmul_exact for r in results), results
+    assert all(r.attention_max_error < 1e-5 for r in results)
