@@ -11,6 +11,14 @@ from pallax.bench import Case, Peaks, run_case, table_peaks
 from pallax.bench.__main__ import main
 
 
+def _run_suite(tmp_path, suite: str, *, runs: int = 1) -> dict:
+    """Runs one suite at smoke size through the CLI; returns its JSON."""
+    json_path = tmp_path / "bench.json"
+    args = ["--suite", suite, "--size", "smoke", "--runs", str(runs), "--warmup", "1"]
+    assert main([*args, "--json", str(json_path)]) == 0
+    return json.loads(json_path.read_text())
+
+
 def test_roofline_time_is_the_binding_limit():
     peaks = Peaks("test", flops_per_s=100.0, bytes_per_s=10.0, source="made up")
     assert peaks.roofline_time(flops=1000, bytes_moved=10) == 10.0  # compute bound
@@ -88,25 +96,7 @@ def test_cli_writes_table_json_and_plot(tmp_path, capsys):
 
 
 def test_collectives_suite_reports_predictions_and_overlap(tmp_path):
-    json_path = tmp_path / "bench.json"
-    assert (
-        main(
-            [
-                "--suite",
-                "collectives",
-                "--size",
-                "smoke",
-                "--runs",
-                "1",
-                "--warmup",
-                "1",
-                "--json",
-                str(json_path),
-            ]
-        )
-        == 0
-    )
-    payload = json.loads(json_path.read_text())
+    payload = _run_suite(tmp_path, "collectives", runs=1)
     rows = payload["reports"]["collectives"]
     overlap = {r["schedule"]: r for r in rows if "overlappable" in r}
     assert overlap["naive all-gather then matmul"]["overlappable"] == 0
@@ -119,25 +109,7 @@ def test_collectives_suite_reports_predictions_and_overlap(tmp_path):
 
 
 def test_fused_suite_reports_memory_next_to_the_naive_composition(tmp_path):
-    json_path = tmp_path / "bench.json"
-    assert (
-        main(
-            [
-                "--suite",
-                "fused",
-                "--size",
-                "smoke",
-                "--runs",
-                "1",
-                "--warmup",
-                "1",
-                "--json",
-                str(json_path),
-            ]
-        )
-        == 0
-    )
-    payload = json.loads(json_path.read_text())
+    payload = _run_suite(tmp_path, "fused", runs=1)
     memory = {(r["op"], r["implementation"]): r for r in payload["reports"]["fused"]}
     assert memory[("gated_mlp", "pallax[xla]")]["residual_mib"] == 0
     assert memory[("gated_mlp", "naive")]["residual_mib"] > 0
@@ -152,25 +124,7 @@ def test_fused_suite_reports_memory_next_to_the_naive_composition(tmp_path):
 
 
 def test_attention_suite_runs_pallax_and_jax_nn_side_by_side(tmp_path):
-    json_path = tmp_path / "bench.json"
-    assert (
-        main(
-            [
-                "--suite",
-                "attention",
-                "--size",
-                "smoke",
-                "--runs",
-                "1",
-                "--warmup",
-                "1",
-                "--json",
-                str(json_path),
-            ]
-        )
-        == 0
-    )
-    results = json.loads(json_path.read_text())["results"]
+    results = _run_suite(tmp_path, "attention", runs=1)["results"]
     assert {r["implementation"] for r in results} == {"pallax[xla]", "jax.nn[xla]"}
     assert all(r["error"] is None and r["flops_per_s"] > 0 for r in results)
     causal = [r for r in results if "causal" in r["name"]]
@@ -178,50 +132,14 @@ def test_attention_suite_runs_pallax_and_jax_nn_side_by_side(tmp_path):
 
 
 def test_decode_suite_reports_bandwidth_for_contiguous_and_paged(tmp_path):
-    json_path = tmp_path / "bench.json"
-    assert (
-        main(
-            [
-                "--suite",
-                "decode",
-                "--size",
-                "smoke",
-                "--runs",
-                "1",
-                "--warmup",
-                "1",
-                "--json",
-                str(json_path),
-            ]
-        )
-        == 0
-    )
-    results = json.loads(json_path.read_text())["results"]
+    results = _run_suite(tmp_path, "decode", runs=1)["results"]
     names = {r["name"].split()[0] for r in results}
     assert names == {"contiguous", "paged/128"}
     assert all(r["error"] is None and r["bytes_per_s"] > 0 for r in results)
 
 
 def test_model_suite_reports_mfu_of_the_train_step(tmp_path):
-    json_path = tmp_path / "bench.json"
-    assert (
-        main(
-            [
-                "--suite",
-                "model",
-                "--size",
-                "smoke",
-                "--runs",
-                "2",
-                "--warmup",
-                "1",
-                "--json",
-                str(json_path),
-            ]
-        )
-        == 0
-    )
-    payload = json.loads(json_path.read_text())
+    payload = _run_suite(tmp_path, "model", runs=2)
     (result,) = payload["results"]
     assert result["error"] is None and 0 < result["roofline_fraction"] < 1
     components = {r["component"] for r in payload["reports"]["model"]}
