@@ -53,9 +53,9 @@ def main(argv=None) -> int:
             print_rows(name, reports[name])
         for case in suite.cases(size):
             results.append(run_case(case, peaks, warmup=args.warmup, runs=args.runs))
+        if args.json:  # after every suite, so a run cut short by a time box keeps its results
+            write_json(args.json, results, peaks, reports)
     print_table(results, peaks)
-    if args.json:
-        write_json(args.json, results, peaks, reports)
     if args.plot:
         plot_roofline(args.plot, results, peaks)
     return 0
