@@ -134,3 +134,33 @@ def test_scanner_passes_healthy_devices(cpu_devices):
     results = scan(cpu_devices[:2])
     assert len(results) == 2 and all(r.ok and r.matmul_exact for r in results), results
     assert all(r.attention_max_error < 1e-5 for r in results)
+
+
+def test_host_snapshots_survive_donation_and_restore_bit_identically(cpu_devices):
+    from pallax.fault import HostSnapshots
+    from pallax.model import PRESETS, data
+    from pallax.model.train import TrainConfig, init_state, make_train_step, state_shardings
+    from pallax.sharding import MeshConfig, make_mesh
+
+    config, tc = PRESETS["tiny"], TrainConfig(total_steps=4, warmup_steps=1)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), devices=cpu_devices)
+    state = init_state(config, tc, mesh, jax.random.key(0))
+    step = make_train_step(config, tc, mesh)
+    iterator = data.DataIterator(data.PackedRows.build(32), 8)
+    snapshots = HostSnapshots(keep=2)
+    expected = {}
+    for i in range(3):
+        state, _ = step(state, next(iterator))  # donates the previous state's buffers
+        snapshots.save(i + 1, state)
+        expected[i + 1] = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
+    assert snapshots.steps() == [2, 3] and snapshots.nbytes() > 0
+    restored_step, restored = snapshots.restore(state_shardings(config, tc, mesh))
+    assert restored_step == 3
+    got = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(restored))]
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(got, expected[3], strict=True))
+    _, older = snapshots.restore(state_shardings(config, tc, mesh), step=2)
+    got = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(older))]
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(got, expected[2], strict=True))
+    assert older.params["layers"]["w_up"].sharding == state.params["layers"]["w_up"].sharding
+    with pytest.raises(ValueError, match="no snapshot of step 1"):
+        snapshots.restore(state_shardings(config, tc, mesh), step=1)
