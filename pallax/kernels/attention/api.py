@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from pallax.kernels import _dispatch
 from pallax.kernels.attention import pallas_tpu, pallas_tpu_bwd, xla
 from pallax.kernels.attention.config import AttentionBlockSizes, default_block_sizes
-from pallax.kernels.attention.masks import MaskSpec
+from pallax.kernels.attention.masks import MaskSpec, normalize_window
 
 _AVAILABLE = ("xla", "pallas_tpu")
 _NAME = "dot_product_attention"
@@ -193,19 +193,7 @@ def _check_args(
                     f"{_NAME}: segment_ids: {name} must be an int array of shape "
                     f"{want}, got {getattr(x, 'dtype', type(x))}{_shape_of(x)}"
                 )
-    if isinstance(window, int) and not isinstance(window, bool):
-        window = (window, window)
-    if window is not None:
-        if (
-            not isinstance(window, tuple | list)
-            or len(window) != 2
-            or not all(isinstance(w, int) and w >= 0 for w in window)
-        ):
-            raise ValueError(
-                f"{_NAME}: local_window_size must be an int or a pair (left, right) "
-                f"of non-negative ints, got {window!r}"
-            )
-        window = (int(window[0]), int(window[1]))
+    window = normalize_window(window, _NAME)
     if scale is not None and not isinstance(scale, int | float):
         raise TypeError(f"{_NAME}: scale must be a number or None, got {type(scale).__name__}")
     if soft_cap is not None and not soft_cap > 0:

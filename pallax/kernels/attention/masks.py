@@ -84,3 +84,21 @@ def online_softmax_step(m_ref, l_ref, acc_ref, s, v):
         p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
     )
     m_ref[...] = m_new
+
+
+def normalize_window(window, op: str) -> tuple[int, int] | None:
+    """``local_window_size`` as (left, right): an int w means (w, w), as in jax.nn."""
+    if isinstance(window, int) and not isinstance(window, bool):
+        window = (window, window)
+    if window is None:
+        return None
+    if (
+        not isinstance(window, tuple | list)
+        or len(window) != 2
+        or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in window)
+    ):
+        raise ValueError(
+            f"{op}: local_window_size must be an int or a pair (left, right) of "
+            f"non-negative ints, got {window!r}"
+        )
+    return int(window[0]), int(window[1])

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallax.kernels import _dispatch
+from pallax.kernels.attention.masks import normalize_window
 from pallax.kernels.decode_attention import pallas_tpu, xla
 from pallax.kernels.decode_attention.config import DecodeBlockSizes, num_splits
 from pallax.kernels.decode_attention.reference import gather_pages
@@ -260,20 +261,10 @@ def _check(
         )
     if soft_cap is not None and not soft_cap > 0:
         raise ValueError(f"{name}: logits_soft_cap must be None or > 0, got {soft_cap}")
-    if isinstance(window, int) and not isinstance(window, bool):
-        window = (window, window)
-    if window is not None and (
-        not isinstance(window, tuple | list)
-        or len(window) != 2
-        or not all(isinstance(w, int) and w >= 0 for w in window)
-    ):
-        raise ValueError(
-            f"{name}: local_window_size must be an int or a pair of non-negative "
-            f"ints, got {window!r}"
-        )
+    window = normalize_window(window, name)
     if block_sizes is not None and not isinstance(block_sizes, DecodeBlockSizes):
         raise TypeError(f"{name}: block_sizes must be DecodeBlockSizes or None")
-    return q, None if window is None else (int(window[0]), int(window[1]))
+    return q, window
 
 
 def _check_lengths(lengths, limit, name, what):
