@@ -59,6 +59,18 @@ def parse_args(argv=None):
         help="persistent checkpoints (Orbax); resumes from the newest one there",
     )
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between saves")
+    p.add_argument(
+        "--sdc-check",
+        action="store_true",
+        help="fingerprint the data-parallel replicas after every step; on a mismatch "
+        "replay the step from the in-memory snapshot and name the bad replica",
+    )
+    p.add_argument(
+        "--inject",
+        action="append",
+        default=[],
+        help="failure injection, e.g. bitflip:replica=1,step=20 (needs --sdc-check)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-tokens", type=int, default=64, help="tokens to generate at the end")
     p.add_argument("--json", metavar="PATH", help="write the run's summary as JSON")
@@ -201,9 +213,24 @@ def main(argv=None) -> int:
         task = progress.add_task(
             "train", total=args.steps, status="compiling", completed=first_step
         )
+    guard = None
+    if args.sdc_check:
+        from pallax.fault import SdcGuard, parse_injection
+
+        guard = SdcGuard(
+            mesh,
+            state_shardings(config, tc, mesh),
+            injections=dict(parse_injection(t) for t in args.inject),
+        )
+        guard.start(first_step, state)
+    elif args.inject:
+        raise SystemExit("--inject needs --sdc-check")
     for step in range(first_step, args.steps):
         t0 = time.perf_counter()
-        state, metrics = train_step(state, put(next(iterator)))
+        batch = put(next(iterator))
+        state, metrics = train_step(state, batch)
+        if guard is not None:
+            state = guard.check(step, state, lambda previous, b=batch: train_step(previous, b)[0])
         metrics = jax.device_get(metrics)
         dt = time.perf_counter() - t0
         if step > first_step:  # the first step compiles
@@ -261,6 +288,7 @@ def main(argv=None) -> int:
         "peak_source": peaks.source,
         "wall_s": time.perf_counter() - start,
         "param_checksum": checksum,
+        "sdc_events": [] if guard is None else guard.events,
         "data_state": iterator.state(),
         "sample": data.decode(sample[0]),
     }

@@ -9,6 +9,7 @@ replay in the training loop.
 
 from pallax.fault.fingerprint import disagreeing_replicas, fingerprint, leaf_fingerprint
 from pallax.fault.goodput import BUCKETS, GoodputScenario, GoodputTracker, simulate_goodput
+from pallax.fault.guard import SdcGuard, parse_injection
 from pallax.fault.sdc import ScanResult, flip_bit, replica_fingerprints, scan
 from pallax.fault.snapshots import HostSnapshots
 
@@ -18,10 +19,12 @@ __all__ = [
     "GoodputTracker",
     "HostSnapshots",
     "ScanResult",
+    "SdcGuard",
     "disagreeing_replicas",
     "fingerprint",
     "flip_bit",
     "leaf_fingerprint",
+    "parse_injection",
     "replica_fingerprints",
     "scan",
     "simulate_goodput",

@@ -4,6 +4,7 @@ known-answer scanner for idle devices, and a deterministic bit-flip injector."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -26,16 +27,26 @@ def replica_fingerprints(tree, mesh: Mesh, axis: str = "data") -> np.ndarray:
         lambda x: x.sharding.spec if isinstance(x.sharding, NamedSharding) else PartitionSpec(),
         tree,
     )
+    spec_leaves, treedef = jax.tree.flatten(specs)
+    fps = _fingerprinter(mesh, treedef, tuple(spec_leaves))(tree)
+    fps = np.moveaxis(np.asarray(jax.device_get(fps)), mesh.axis_names.index(axis), 0)
+    return fps.reshape(fps.shape[0], -1)
+
+
+@functools.lru_cache(maxsize=32)
+def _fingerprinter(mesh: Mesh, treedef, spec_leaves):
+    """A jitted per-device fingerprint for one tree structure and sharding (cached)."""
     names = mesh.axis_names
+    specs = jax.tree.unflatten(treedef, list(spec_leaves))
 
     def local(t):  # -> [1, ..., 1 (one per mesh axis), L, 2]
         return fingerprint(t).reshape((1,) * len(names) + (-1, 2))
 
-    fps = jax.shard_map(
-        local, mesh=mesh, in_specs=(specs,), out_specs=PartitionSpec(*names), check_vma=False
-    )(tree)
-    fps = np.moveaxis(np.asarray(jax.device_get(fps)), names.index(axis), 0)
-    return fps.reshape(fps.shape[0], -1)
+    return jax.jit(
+        jax.shard_map(
+            local, mesh=mesh, in_specs=(specs,), out_specs=PartitionSpec(*names), check_vma=False
+        )
+    )
 
 
 def flip_bit(x: jax.Array, *, device_index: int, element: int, bit: int) -> jax.Array:
