@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from pallax.kernels import _dispatch
-from pallax.kernels.attention import pallas_tpu, pallas_tpu_bwd, xla
+from pallax.kernels.attention import pallas_tpu_bwd, xla
 from pallax.kernels.attention.config import AttentionBlockSizes, default_block_sizes
 from pallax.kernels.attention.masks import MaskSpec, normalize_window
 
@@ -83,16 +83,8 @@ def dot_product_attention(
         soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
         block_q=block_sizes.block_q,
         block_kv=block_sizes.block_kv,
+        interpret=mode.interpret,
     )
-    if mode.implementation == "pallas_tpu":
-        options = pallas_tpu.Options(
-            options.scale,
-            options.spec,
-            options.soft_cap,
-            options.block_q,
-            options.block_kv,
-            mode.interpret,
-        )
     aux = (
         None if query_seq_lengths is None else jnp.asarray(query_seq_lengths, jnp.int32),
         None if key_value_seq_lengths is None else jnp.asarray(key_value_seq_lengths, jnp.int32),

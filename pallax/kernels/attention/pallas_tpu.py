@@ -11,7 +11,6 @@ and mask arrays are tiled like the logits; their broadcast dims stay size 1.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -19,19 +18,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallax.kernels._dispatch import InterpretConfig, tpu_interpret_params
+from pallax.kernels._dispatch import tpu_interpret_params
 from pallax.kernels.attention import _tpu_tiles as tiles
-from pallax.kernels.attention.masks import MaskSpec, online_softmax_step
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    scale: float
-    spec: MaskSpec
-    soft_cap: float | None
-    block_q: int
-    block_kv: int
-    interpret: InterpretConfig | None
+from pallax.kernels.attention.masks import online_softmax_step
+from pallax.kernels.attention.xla import Options
 
 
 def static_of(q, k, bias, mask, segments, options: Options) -> tiles.Static:

@@ -18,16 +18,20 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallax.kernels._dispatch import InterpretConfig
 from pallax.kernels.attention.masks import MaskSpec, allowed, tile_of
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
+    """Static options of every attention backend (the XLA path ignores ``interpret``)."""
+
     scale: float
     spec: MaskSpec
     soft_cap: float | None
     block_q: int
     block_kv: int
+    interpret: InterpretConfig | None = None
 
 
 @dataclasses.dataclass(frozen=True)
