@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
+
+from pallax._launch import launch, supervise
 
 _DEVICES = 8
 
@@ -69,42 +70,37 @@ def parse_args(argv=None):
         "--inject",
         action="append",
         default=[],
-        help="failure injection, e.g. bitflip:replica=1,step=20 (needs --sdc-check)",
+        help="failure injection (repeatable): bitflip:replica=R,step=S or "
+        "bitflip:worker=W,step=S (needs --sdc-check), kill:worker=W,step=S and "
+        "corrupt-persistent:step=S (need --fault-tolerant)",
+    )
+    ft = p.add_argument_group("fault tolerance (with --processes N >= 2 and 2 data replicas)")
+    ft.add_argument(
+        "--fault-tolerant",
+        action="store_true",
+        help="run the workers under a supervisor: state replicated to each worker's "
+        "in-memory tier every step, restart + recovery from an intact replica on a lost worker",
+    )
+    ft.add_argument("--ft-dir", default=None, help="run directory (default: under /dev/shm)")
+    ft.add_argument(
+        "--memory-every", type=int, default=1, help="steps between in-memory tier saves"
+    )
+    ft.add_argument(
+        "--hot-standby",
+        action="store_true",
+        help="keep warm worker processes (imports done) ready to replace lost ones",
+    )
+    ft.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=120.0,
+        help="seconds without a heartbeat after which a worker counts as lost",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-tokens", type=int, default=64, help="tokens to generate at the end")
     p.add_argument("--json", metavar="PATH", help="write the run's summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
-
-
-def _launch(args, argv) -> int:
-    """Starts args.processes copies of this command as jax.distributed processes."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for pid in range(args.processes):
-        env = {
-            **os.environ,
-            "PALLAX_COORDINATOR": f"127.0.0.1:{port}",
-            "PALLAX_NUM_PROCESSES": str(args.processes),
-            "PALLAX_PROCESS_ID": str(pid),
-            "JAX_PLATFORMS": "cpu",
-        }
-        child = [a for a in argv if not a.startswith("--processes")]
-        if "--processes" in argv:
-            i = argv.index("--processes")
-            child = argv[:i] + argv[i + 2 :]
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "pallax.train", *child],
-                env=env,
-                stdout=None if pid == 0 else subprocess.DEVNULL,
-            )
-        )
-    codes = [p.wait() for p in procs]
-    return max(codes)
 
 
 def _setup_jax():
@@ -116,6 +112,11 @@ def _setup_jax():
     num = int(os.environ.get("PALLAX_NUM_PROCESSES", "1"))
     with contextlib.suppress(RuntimeError):  # the backend may already be up (tests)
         jax.config.update("jax_num_cpu_devices", _DEVICES // num)
+    if "PALLAX_FT_DIR" in os.environ:  # a restarted job reuses the first one's executables
+        jax.config.update(
+            "jax_compilation_cache_dir", os.path.join(os.environ["PALLAX_FT_DIR"], "jax_cache")
+        )
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     if "PALLAX_COORDINATOR" in os.environ:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
@@ -129,13 +130,32 @@ def _setup_jax():
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    from pallax.fault.inject import parse_injection
+
+    try:
+        injections = [parse_injection(t) for t in args.inject]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if any(i.kind == "bitflip" for i in injections) and not args.sdc_check:
+        raise SystemExit("--inject bitflip:... needs --sdc-check")
+    if any(i.kind != "bitflip" for i in injections) and not args.fault_tolerant:
+        raise SystemExit("--inject kill:/corrupt-persistent: need --fault-tolerant")
+    if args.fault_tolerant and args.processes < 2:
+        raise SystemExit("--fault-tolerant needs --processes N >= 2 (N even: 2 data replicas)")
     if args.processes > 1 and "PALLAX_PROCESS_ID" not in os.environ:
-        return _launch(args, argv)
+        if args.fault_tolerant:
+            return supervise(args, injections)
+        return launch(args, argv)
+    marks = {"main": time.time()}  # start-up phases, reported by a fault-tolerant worker
     jax = _setup_jax()
+    marks["distributed"] = time.time()
     import numpy as np
     from jax.experimental import multihost_utils
 
     from pallax.bench import device_peaks
+    from pallax.fault import runtime as fault_runtime
+    from pallax.fault.guard import PersistentSdcError
+    from pallax.fault.supervisor import EXIT_SDC
     from pallax.model import PRESETS, data, generate
     from pallax.model.train import (
         TrainConfig,
@@ -174,10 +194,28 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     state = init_state(config, tc, mesh, jax.random.key(args.seed))
     train_step = make_train_step(config, tc, mesh)
+    marks["state"] = time.time()
     iterator = data.DataIterator(data.PackedRows.build(args.seq_len), args.batch, seed=args.seed)
     sharding = batch_sharding(mesh)
-    checkpointer, first_step = None, 0
-    if args.checkpoint_dir:
+    checkpointer, first_step, ft = None, 0, None
+    if fault_runtime.active():
+        persistent = args.checkpoint_dir or os.path.join(
+            os.environ[fault_runtime.ENV_DIR], "persistent"
+        )
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+        )
+        ft = fault_runtime.WorkerRuntime.from_env(
+            mesh,
+            abstract,
+            persistent_dir=persistent,
+            persistent_every=args.checkpoint_every,
+            injections=injections,
+            marks=marks,
+        )
+        state, first_step = ft.restore(mesh, state)
+        iterator.restore({"position": first_step, "seed": args.seed})
+    elif args.checkpoint_dir:
         from pallax.model.checkpoint import Checkpointer
 
         checkpointer = Checkpointer(args.checkpoint_dir)
@@ -215,24 +253,36 @@ def main(argv=None) -> int:
         )
     guard = None
     if args.sdc_check:
-        from pallax.fault import SdcGuard, parse_injection
+        from pallax.fault import SdcGuard
 
         guard = SdcGuard(
             mesh,
             state_shardings(config, tc, mesh),
-            injections=dict(parse_injection(t) for t in args.inject),
+            injections=injections,
+            previous_state=ft.previous_state if ft and args.memory_every == 1 else None,
         )
         guard.start(first_step, state)
-    elif args.inject:
-        raise SystemExit("--inject needs --sdc-check")
     for step in range(first_step, args.steps):
+        if ft is not None:
+            ft.before_step(step)
         t0 = time.perf_counter()
         batch = put(next(iterator))
         state, metrics = train_step(state, batch)
         if guard is not None:
-            state = guard.check(step, state, lambda previous, b=batch: train_step(previous, b)[0])
+            replay_begin = time.perf_counter()
+            events = len(guard.events)
+            try:
+                state = guard.check(step, state, lambda prev, b=batch: train_step(prev, b)[0])
+            except PersistentSdcError as e:
+                print(e, flush=True)
+                os._exit(EXIT_SDC if jax.process_index() in e.workers else 1)
+            if len(guard.events) > events and ft is not None:  # the replay is not productive
+                ft.tracker.seconds["replay"] += time.perf_counter() - replay_begin
+                t0 += time.perf_counter() - replay_begin
         metrics = jax.device_get(metrics)
         dt = time.perf_counter() - t0
+        if ft is not None:
+            ft.after_step(step, state, dt, compiled=step > first_step)
         if step > first_step:  # the first step compiles
             step_times.append(dt)
         if checkpointer is not None and (
@@ -256,6 +306,7 @@ def main(argv=None) -> int:
         progress.stop()
     if checkpointer is not None:
         checkpointer.wait()
+    ft_report = ft.finish({"steps": args.steps}) if ft is not None else None
     params = (
         multihost_utils.process_allgather(state.params, tiled=True)
         if (jax.process_count() > 1)
@@ -267,6 +318,9 @@ def main(argv=None) -> int:
         sample = generate(jax.device_put(params, local), config, prompt, args.sample_tokens)
     median = float(np.median(step_times)) if step_times else float("nan")
     checksum = float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree.leaves(params)))
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        digest.update(np.ascontiguousarray(leaf).tobytes())
     summary = {
         "preset": args.preset,
         "steps": args.steps,
@@ -288,6 +342,8 @@ def main(argv=None) -> int:
         "peak_source": peaks.source,
         "wall_s": time.perf_counter() - start,
         "param_checksum": checksum,
+        "param_digest": digest.hexdigest(),
+        "fault_tolerance_worker": ft_report,
         "sdc_events": [] if guard is None else guard.events,
         "data_state": iterator.state(),
         "sample": data.decode(sample[0]),

@@ -14,14 +14,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pallax.fault.fingerprint import fingerprint
 
 
-def replica_fingerprints(tree, mesh: Mesh, axis: str = "data") -> np.ndarray:
-    """uint32 [replicas, n]: each replica's fingerprint of its own copy of ``tree``.
+def device_fingerprints(tree, mesh: Mesh) -> np.ndarray:
+    """uint32 [*mesh.shape, n_leaves, 2]: each device's fingerprint of its own shards.
 
-    ``tree`` holds arrays that are (meant to be) replicated over ``axis`` (they
-    may be sharded over the other mesh axes). Every device fingerprints its
-    local shards inside a shard_map, so corruption on one replica shows up
-    although JAX believes the copies are identical. Row r concatenates the
-    fingerprints of the devices whose ``axis`` index is r.
+    ``tree`` holds arrays sharded over ``mesh`` (replicated over some axes). Every
+    device fingerprints its local shards inside a shard_map, so corruption on one
+    copy shows up although JAX believes the copies are identical.
     """
     specs = jax.tree.map(
         lambda x: x.sharding.spec if isinstance(x.sharding, NamedSharding) else PartitionSpec(),
@@ -29,7 +27,21 @@ def replica_fingerprints(tree, mesh: Mesh, axis: str = "data") -> np.ndarray:
     )
     spec_leaves, treedef = jax.tree.flatten(specs)
     fps = _fingerprinter(mesh, treedef, tuple(spec_leaves))(tree)
-    fps = np.moveaxis(np.asarray(jax.device_get(fps)), mesh.axis_names.index(axis), 0)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        fps = multihost_utils.process_allgather(fps, tiled=True)
+    fps = np.asarray(jax.device_get(fps))
+    return fps.reshape(tuple(mesh.shape.values()) + fps.shape[len(mesh.shape) :])
+
+
+def replica_fingerprints(tree, mesh: Mesh, axis: str = "data") -> np.ndarray:
+    """uint32 [replicas, n]: each replica's fingerprint of its own copy of ``tree``.
+
+    Row r concatenates the fingerprints of the devices whose ``axis`` index is r
+    (see :func:`device_fingerprints`).
+    """
+    fps = np.moveaxis(device_fingerprints(tree, mesh), mesh.axis_names.index(axis), 0)
     return fps.reshape(fps.shape[0], -1)
 
 
@@ -53,7 +65,9 @@ def flip_bit(x: jax.Array, *, device_index: int, element: int, bit: int) -> jax.
     """A copy of ``x`` whose buffer on one device has one flipped bit (failure injection).
 
     The result keeps x's sharding: for a replicated array the replicas now differ,
-    exactly what silent corruption on one chip does.
+    exactly what silent corruption on one chip does. ``device_index`` counts this
+    process's addressable shards; -1 flips nothing here (other processes of a
+    multi-process job call it too).
     """
     shards = []
     for i, shard in enumerate(x.addressable_shards):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pallax.fault import parse_injection
+from pallax.fault import Injection, parse_injection
 from pallax.testing import run_with_cpu_devices
 
 _CODE = """
@@ -24,17 +24,40 @@ def test_bit_flip_is_detected_named_and_recovered(tmp_path):
         _CODE.format(out=faulty, extra=', "--sdc-check", "--inject", "bitflip:replica=1,step=3"')
     )
     a, b = json.loads(clean.read_text()), json.loads(faulty.read_text())
-    assert b["sdc_events"] == [{"step": 3, "replicas": [1], "replayed": True}]
+    assert b["sdc_events"] == [{"step": 3, "replicas": [1], "workers": [0], "replayed": True}]
     assert a["sdc_events"] == []
     assert b["param_checksum"] == a["param_checksum"]
     assert b["loss_history"] == a["loss_history"]
 
 
-@pytest.mark.parametrize("text", ["kill:worker=2,step=3", "bitflip:step=3", "bitflip"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "bitflip:step=3",
+        "bitflip",
+        "bitflip:replica=1,worker=0,step=3",
+        "kill:replica=1,step=3",
+        "kill:worker=1",
+        "kill:worker=x,step=3",
+        "corrupt-persistent:worker=1,step=3",
+        "bitflip:replica=-1,step=3",
+        "explode:step=3",
+    ],
+)
 def test_injection_spec_errors(text):
-    with pytest.raises(ValueError, match="bitflip:replica=R,step=S"):
+    with pytest.raises(ValueError, match="--inject"):
         parse_injection(text)
 
 
-def test_injection_spec():
-    assert parse_injection("bitflip:replica=1,step=20") == (20, 1)
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("bitflip:replica=1,step=20", Injection("bitflip", 20, replica=1)),
+        ("bitflip:worker=3,step=7", Injection("bitflip", 7, worker=3)),
+        ("kill:worker=2,step=37", Injection("kill", 37, worker=2)),
+        ("corrupt-persistent:step=5", Injection("corrupt-persistent", 5)),
+    ],
+)
+def test_injection_spec_round_trips(text, expected):
+    assert parse_injection(text) == expected
+    assert parse_injection(expected.spec()) == expected
