@@ -236,7 +236,7 @@ def main(argv=None) -> int:
         }
 
     flops = step_flops(config, args.batch * args.seq_len)
-    history, tokens_seen, step_times = [], 0, []
+    history, tokens_seen, step_times, iteration_times = [], 0, [], []
     progress = None
     if lead and not args.quiet:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
     for step in range(first_step, args.steps):
         if ft is not None:
             ft.before_step(step)
-        t0 = time.perf_counter()
+        t0 = iteration_begin = time.perf_counter()
         batch = put(next(iterator))
         state, metrics = train_step(state, batch)
         if guard is not None:
@@ -289,6 +289,8 @@ def main(argv=None) -> int:
             (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps
         ):
             checkpointer.save(step + 1, state, iterator.state())
+        if step > first_step:  # with the saves: what fault tolerance adds shows here
+            iteration_times.append(time.perf_counter() - iteration_begin)
         tokens_seen += int(metrics["tokens"])
         history.append(float(metrics["loss"]))
         if progress is not None:
@@ -336,6 +338,8 @@ def main(argv=None) -> int:
         "loss_history": history,
         "tokens": tokens_seen,
         "median_step_s": median,
+        "median_iteration_s": float(np.median(iteration_times)) if iteration_times else None,
+        "mean_iteration_s": float(np.mean(iteration_times)) if iteration_times else None,
         "tokens_per_s": args.batch * args.seq_len / median,
         "mfu": flops / median / peaks.flops_per_s,
         "peak_flops_per_s": peaks.flops_per_s,
@@ -357,6 +361,7 @@ def main(argv=None) -> int:
                 f"({peaks.source})"
             )
         print(f"sample: Hacker: {summary['sample']!r}")
+        print(f"params sha256 {summary['param_digest'][:16]}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(summary, f, indent=2)

@@ -32,8 +32,7 @@ def baseline(tmp_path_factory):
     """An uninterrupted run: one process, the same 8-device mesh."""
     out = tmp_path_factory.mktemp("baseline") / "clean.json"
     run_with_cpu_devices(
-        f"from pallax.train import main\n"
-        f"main({[*_RUN, '--quiet', '--json', str(out)]!r})"
+        f"from pallax.train import main\nmain({[*_RUN, '--quiet', '--json', str(out)]!r})"
     )
     return json.loads(out.read_text())
 
@@ -65,9 +64,7 @@ def test_worker0_lost_and_bit_flip(tmp_path, baseline):
     # Worker 0's replacement has an empty tier: it restores its shards from worker 2,
     # the worker of the other replica that holds the same shards.
     assert rec["sources"] == {"0": "peer", "1": "local", "2": "local", "3": "local"}
-    assert summary["sdc_events"] == [
-        {"step": 7, "replicas": [1], "workers": [3], "replayed": True}
-    ]
+    assert summary["sdc_events"] == [{"step": 7, "replicas": [1], "workers": [3], "replayed": True}]
     assert summary["param_digest"] == baseline["param_digest"]
     assert summary["final_loss"] == baseline["final_loss"]
     _check_goodput(report)
