@@ -11,6 +11,7 @@ from pallax.testing._devices import run_processes, run_with_cpu_devices
 from pallax.testing._lowering import (
     assert_lowers_for_cuda,
     assert_lowers_for_tpu,
+    gpu_interpret_races_found,
     tpu_interpret_races_found,
 )
 from pallax.testing._tolerance import assert_allclose, tolerance
@@ -19,6 +20,7 @@ __all__ = [
     "assert_allclose",
     "assert_lowers_for_cuda",
     "assert_lowers_for_tpu",
+    "gpu_interpret_races_found",
     "run_processes",
     "run_with_cpu_devices",
     "tolerance",

@@ -52,3 +52,12 @@ def tpu_interpret_races_found() -> bool:
 
     races = interpret_pallas_call.races
     return bool(races is not None and races.races_found)
+
+
+def gpu_interpret_races_found() -> bool:
+    """Whether the Mosaic GPU interpreter's race detector (``detect_races=True``) found a
+    race in the last interpreted kernel (a private JAX module, as for the TPU one)."""
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+    races = gpu_callbacks._races
+    return bool(races is not None and races.races_found)

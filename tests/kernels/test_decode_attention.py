@@ -18,10 +18,15 @@ from pallax.kernels import (
     paged_decode_attention,
 )
 from pallax.kernels.decode_attention.reference import gather_pages
-from pallax.testing import assert_allclose, assert_lowers_for_tpu
+from pallax.testing import (
+    assert_allclose,
+    assert_lowers_for_cuda,
+    assert_lowers_for_tpu,
+    gpu_interpret_races_found,
+)
 from tests.strategies import dtypes
 
-IMPLEMENTATIONS = ("xla", "pallas_tpu")
+IMPLEMENTATIONS = ("xla", "pallas_tpu", "pallas_mosaic_gpu")
 
 
 @st.composite
@@ -202,6 +207,77 @@ def test_tpu_kernels_lower_for_gemini_decode():
     )
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_mosaic_gpu_kernel_double_buffering_is_race_free(paged):
+    # Two TMA slots per K and V: a slot is refilled only after every thread of the
+    # warpgroup has read it. The GPU interpreter's race detector reports a race when
+    # the barrier that ends a step is removed (checked when the kernel was written).
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (1, 1, 4, 64))
+    kv = jax.random.normal(keys[1], (1, 300, 1, 64))
+    blocks = DecodeBlockSizes(64, 1)
+    with interpret_mode(detect_races=True):
+        if paged:
+            pages = kv.reshape(1, 10, 30, 64)[:, :, :16]  # ten pages of 16 rows
+            table = jnp.arange(10)[None]
+            out = paged_decode_attention(
+                q, pages, pages, jnp.array([150]), table,
+                implementation="pallas_mosaic_gpu", block_sizes=blocks,
+            )  # fmt: skip
+        else:
+            out = decode_attention(
+                q, kv, kv, jnp.array([290]), implementation="pallas_mosaic_gpu", block_sizes=blocks
+            )
+        out.block_until_ready()
+    assert not gpu_interpret_races_found()
+
+
+def test_mosaic_gpu_kernels_lower_for_cuda():
+    # The same Gemini decode shapes, and paged caches of 16- and 128-token pages.
+    q = jax.ShapeDtypeStruct((8, 8, 128), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((8, 32768, 1, 128), jnp.bfloat16)
+    lengths = jax.ShapeDtypeStruct((8,), jnp.int32)
+    gpu = dict(implementation="pallas_mosaic_gpu")
+    assert_lowers_for_cuda(
+        lambda q, k, v, n: decode_attention(q, k, v, n, **gpu), q, cache, cache, lengths
+    )
+    for page in (16, 128):
+        pages = jax.ShapeDtypeStruct((1, 8 * 32768 // page, page, 128), jnp.bfloat16)
+        table = jax.ShapeDtypeStruct((8, 32768 // page), jnp.int32)
+        assert_lowers_for_cuda(
+            lambda q, k, v, n, p: paged_decode_attention(q, k, v, n, p, **gpu),
+            q,
+            pages,
+            pages,
+            lengths,
+            table,
+        )
+
+
+@pytest.mark.parametrize(
+    "query, cache, page, match",
+    [
+        ((1, 5, 4, 128), (1, 64, 1, 128), None, "20 query rows per KV head exceed 16"),
+        ((1, 4, 96), (1, 64, 2, 96), None, "H=96 must be a multiple of 64"),
+        ((1, 4, 128), (1, 4, 24, 128), 24, "page_size=24 must be 16, 32"),
+    ],
+    ids=["too-many-rows", "head-size", "page-size"],
+)
+def test_mosaic_gpu_kernel_rejects_what_it_cannot_take(query, cache, page, match):
+    q = jnp.ones(query)
+    with interpret_mode(), pytest.raises(ValueError, match=match):
+        if page is None:
+            decode_attention(
+                q, jnp.ones(cache), jnp.ones(cache), jnp.array([3]),
+                implementation="pallas_mosaic_gpu",
+            )  # fmt: skip
+        else:
+            paged_decode_attention(
+                q, jnp.ones(cache), jnp.ones(cache), jnp.array([3]), jnp.array([[0, 1]]),
+                implementation="pallas_mosaic_gpu",
+            )  # fmt: skip
+
+
 _Q, _C, _L = jnp.ones((2, 4, 128)), jnp.ones((2, 16, 2, 128)), jnp.array([3, 16])
 
 
@@ -220,7 +296,7 @@ _Q, _C, _L = jnp.ones((2, 4, 128)), jnp.ones((2, 16, 2, 128)), jnp.array([3, 16]
         (dict(lengths=jnp.array([3])), ValueError, r"shape \(B,\)=\(2,\)"),
         (dict(query=jnp.ones((2, 4, 128), jnp.int32)), TypeError, "query must be floating"),
         (dict(local_window_size=(-1, 0)), ValueError, "local_window_size"),
-        (dict(implementation="pallas_mosaic_gpu"), ValueError, "does not exist for this op"),
+        (dict(implementation="pallas_triton"), ValueError, "unknown implementation"),
     ],
     ids=[
         "query-rank",
@@ -231,7 +307,7 @@ _Q, _C, _L = jnp.ones((2, 4, 128)), jnp.ones((2, 16, 2, 128)), jnp.array([3, 16]
         "length-shape",
         "query-int",
         "window",
-        "no-gpu-kernel",
+        "unknown-implementation",
     ],
 )
 def test_bad_inputs(kwargs, error, match):

@@ -25,8 +25,11 @@ _N, _H, _PAGE = 8, 128, 128
 
 def _implementations():
     impls = ["xla"]
-    if jax.devices()[0].platform == "tpu":
+    platform = jax.devices()[0].platform
+    if platform == "tpu":
         impls.append("pallas_tpu")
+    if platform == "gpu":
+        impls.append("pallas_mosaic_gpu")
     return impls
 
 

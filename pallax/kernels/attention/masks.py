@@ -41,19 +41,25 @@ def allowed(spec: MaskSpec, q_pos, k_pos, *, q_len=None, kv_len=None, q_seg=None
     q_len / kv_len broadcast against the positions ([..., 1, 1]); q_seg is shaped
     like q_pos and kv_seg like k_pos.
     """
-    ok = jnp.ones(jnp.broadcast_shapes(q_pos.shape, k_pos.shape), bool)
+    conditions = []
     if spec.causal:
-        ok &= k_pos <= q_pos
+        conditions.append(k_pos <= q_pos)
     if spec.window is not None:
         left, right = spec.window
-        ok &= (k_pos >= q_pos - left) & (k_pos <= q_pos + right)
+        conditions.append((k_pos >= q_pos - left) & (k_pos <= q_pos + right))
     if q_len is not None:
-        ok &= q_pos < q_len
+        conditions.append(q_pos < q_len)
     if kv_len is not None:
-        ok &= k_pos < kv_len
+        conditions.append(k_pos < kv_len)
     if q_seg is not None:
-        ok &= q_seg == kv_seg
-    return ok
+        conditions.append(q_seg == kv_seg)
+    shape = jnp.broadcast_shapes(jnp.shape(q_pos), jnp.shape(k_pos))
+    if not conditions:
+        return jnp.ones(shape, bool)
+    ok = conditions[0]
+    for condition in conditions[1:]:  # no constant mask to start from: Mosaic GPU needs layouts
+        ok = ok & condition
+    return jnp.broadcast_to(ok, shape) if jnp.shape(ok) != shape else ok
 
 
 def tile_of(array: jax.Array | None, q_start, bq: int, k_start, bk: int) -> jax.Array | None:

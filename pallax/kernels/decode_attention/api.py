@@ -10,11 +10,11 @@ import numpy as np
 
 from pallax.kernels import _dispatch
 from pallax.kernels.attention.masks import normalize_window
-from pallax.kernels.decode_attention import pallas_tpu, xla
+from pallax.kernels.decode_attention import pallas_mosaic_gpu, pallas_tpu, xla
 from pallax.kernels.decode_attention.config import DecodeBlockSizes, num_splits
 from pallax.kernels.decode_attention.reference import gather_pages
 
-_AVAILABLE = ("xla", "pallas_tpu")
+_AVAILABLE = ("xla", "pallas_tpu", "pallas_mosaic_gpu")
 
 
 def decode_attention(
@@ -40,8 +40,10 @@ def decode_attention(
         0 gives zeros. A concrete length > S is an error; traced lengths are
         clamped to S.
       scale, logits_soft_cap, local_window_size: as in ``dot_product_attention``.
-      implementation: None, 'xla' or 'pallas_tpu'.
-      block_sizes: ``DecodeBlockSizes`` (cache block, split-K count).
+      implementation: None, 'xla', 'pallas_tpu' or 'pallas_mosaic_gpu'.
+      block_sizes: ``DecodeBlockSizes`` (cache block, split-K count). The Mosaic GPU
+        kernel walks blocks of 64 cache rows (one warpgroup tile) whatever
+        ``block_kv`` says; ``num_splits`` applies to both kernels.
 
     Returns:
       [B, N, H] or [B, Tq, N, H], like query.
@@ -63,6 +65,9 @@ def decode_attention(
         kh, h = key_cache.shape[2], key_cache.shape[3]
         if impl == "pallas_tpu" and kh > 1 and h % 128:
             return f"with K={kh} > 1 KV heads the head size H={h} must be a multiple of 128"
+        if impl == "pallas_mosaic_gpu":
+            rows = q.shape[1] * q.shape[2] // kh
+            return pallas_mosaic_gpu.unsupported_reason(rows, h, key_cache.dtype)
         return None
 
     mode = _dispatch.resolve(
@@ -82,6 +87,7 @@ def decode_attention(
             window,
             block_sizes,
             -(-s // (block_sizes or DecodeBlockSizes()).block_kv),
+            s,
         ),
         mode=mode,
     )
@@ -150,9 +156,26 @@ def paged_decode_attention(
             )
     if page % 8:
         raise ValueError(f"paged_decode_attention: page_size={page} must be a multiple of 8")
-    mode = _dispatch.resolve("paged_decode_attention", implementation, available=_AVAILABLE)
+
+    def supports(impl):
+        if impl == "pallas_mosaic_gpu":
+            rows = q.shape[1] * q.shape[2] // kh
+            return pallas_mosaic_gpu.unsupported_reason(rows, h, key_pages.dtype, page)
+        return None
+
+    mode = _dispatch.resolve(
+        "paged_decode_attention", implementation, available=_AVAILABLE, supports=supports
+    )
     options = _options(
-        mode, q, fake_cache, scale, logits_soft_cap, window, block_sizes, page_indices.shape[1]
+        mode,
+        q,
+        fake_cache,
+        scale,
+        logits_soft_cap,
+        window,
+        block_sizes,
+        page_indices.shape[1],
+        capacity,
     )
     out = _paged(
         q,
@@ -166,16 +189,23 @@ def paged_decode_attention(
     return out[:, 0] if query.ndim == 3 else out
 
 
-def _options(mode, q, key_cache, scale, soft_cap, window, block_sizes, num_blocks):
+def _options(mode, q, key_cache, scale, soft_cap, window, block_sizes, num_blocks, kv_len):
     blocks = block_sizes or DecodeBlockSizes()
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    soft_cap = None if soft_cap is None else float(soft_cap)
+    kv_heads = key_cache.shape[2]
+    if mode.implementation == "pallas_mosaic_gpu":
+        gpu_blocks = -(-kv_len // pallas_mosaic_gpu.BLOCK)
+        splits = blocks.num_splits or pallas_mosaic_gpu.default_num_splits(
+            q.shape[0], kv_heads, gpu_blocks
+        )
+        return pallas_mosaic_gpu.Options(scale, soft_cap, window, splits, mode.interpret)
     return pallas_tpu.Options(
-        scale=float(q.shape[-1] ** -0.5 if scale is None else scale),
-        soft_cap=None if soft_cap is None else float(soft_cap),
+        scale=scale,
+        soft_cap=soft_cap,
         window=window,
         block_kv=blocks.block_kv,
-        num_splits=num_splits(
-            blocks, batch=q.shape[0], kv_heads=key_cache.shape[2], num_blocks=num_blocks
-        ),
+        num_splits=num_splits(blocks, batch=q.shape[0], kv_heads=kv_heads, num_blocks=num_blocks),
         interpret=mode.interpret,
     )
 
@@ -185,6 +215,8 @@ def _decode(q, key_cache, value_cache, lengths, *, options, mode):
     lengths = jnp.clip(lengths, 0, key_cache.shape[1])
     if mode.implementation == "pallas_tpu":
         return pallas_tpu.decode_attention(q, key_cache, value_cache, lengths, options)
+    if mode.implementation == "pallas_mosaic_gpu":
+        return pallas_mosaic_gpu.decode_attention(q, key_cache, value_cache, lengths, options)
     return xla.decode_attention(
         q,
         key_cache,
@@ -201,6 +233,10 @@ def _paged(q, key_pages, value_pages, lengths, page_indices, *, options, mode):
     lengths = jnp.clip(lengths, 0, page_indices.shape[1] * key_pages.shape[2])
     if mode.implementation == "pallas_tpu":
         return pallas_tpu.paged_decode_attention(
+            q, key_pages, value_pages, lengths, page_indices, options
+        )
+    if mode.implementation == "pallas_mosaic_gpu":
+        return pallas_mosaic_gpu.paged_decode_attention(
             q, key_pages, value_pages, lengths, page_indices, options
         )
     k, v = gather_pages(key_pages, page_indices), gather_pages(value_pages, page_indices)

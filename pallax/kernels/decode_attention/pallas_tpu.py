@@ -114,7 +114,7 @@ def _kernel(
         l_ref[...] = l_sc[...]
 
 
-def _combine(acc, row_max, row_sum):
+def combine_splits(acc, row_max, row_sum):
     """Merge split partials: acc [B, K, n, R, H], max/sum [B, K, n, R, 1] -> [B, K, R, H]."""
     m_all = jnp.max(row_max, axis=2, keepdims=True)
     m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
@@ -171,7 +171,7 @@ def _call(q, lengths, pages, k_arr, v_arr, kv_spec_fn, st: _Static, num_blocks: 
         interpret=interpret,
         name="pallax_decode_attention",
     )(lengths, pages, q_rows, k_arr, v_arr)
-    out = _combine(acc, row_max, row_sum)  # [B, K, Tq*G, H]
+    out = combine_splits(acc, row_max, row_sum)  # [B, K, Tq*G, H]
     out = out.reshape(b, kh, tq, st.g, h).transpose(0, 2, 1, 3, 4).reshape(b, tq, n, h)
     return out.astype(q.dtype)
 
