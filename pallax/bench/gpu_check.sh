@@ -17,18 +17,18 @@ start=$(date +%s)
   >"$OUT/device.txt" 2>&1
 
 # GPU-marked tests: compiled Mosaic GPU kernels against their references.
-timeout 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider --benchmark-disable -rs \
+timeout 270 "$PY" -m pytest -m gpu -q -p no:cacheprovider --benchmark-disable -rs \
   tests >"$OUT/gpu_tests.log" 2>&1
 tests_rc=$?
 
 # Benchmarks at full size, with the XLA path and peers in the same run.
-timeout 240 "$PY" -m pallax.bench --size full --json "$OUT/bench.json" \
+timeout 200 "$PY" -m pallax.bench --size full --json "$OUT/bench.json" \
   --plot "$OUT/roofline.png" >"$OUT/bench.log" 2>&1
 bench_rc=$?
 
 # The GPU scheduler on a mocked 8-GPU topology: are dots bracketed by the
 # ring's collective-permute-start/done pairs?
-timeout 120 "$PY" -m pallax.bench.gpu_overlap --json "$OUT/gpu_overlap.json" \
+timeout 90 "$PY" -m pallax.bench.gpu_overlap --json "$OUT/gpu_overlap.json" \
   >"$OUT/gpu_overlap.log" 2>&1
 overlap_rc=$?
 

@@ -15,16 +15,39 @@ from pallax.kernels import (
     dot_product_attention,
     interpret_mode,
 )
-from pallax.testing import assert_allclose, assert_lowers_for_tpu
+from pallax.testing import (
+    assert_allclose,
+    assert_lowers_for_cuda,
+    assert_lowers_for_tpu,
+    gpu_interpret_races_found,
+)
 from tests.strategies import dtypes
 
-IMPLEMENTATIONS = ("xla", "pallas_tpu")
+IMPLEMENTATIONS = ("xla", "pallas_tpu", "pallas_mosaic_gpu")
 OPTIONS = ("causal", "window", "segments", "softcap", "bias", "mask", "lengths")
+# The Mosaic GPU kernel takes bf16/f16 only and no bias or mask arrays (the
+# interpreter runs its matmuls as dot_general: wgmma is checked on a GPU).
+GPU_OPTIONS = tuple(o for o in OPTIONS if o not in ("bias", "mask"))
 
 
 @st.composite
 def cases(draw, implementation="xla"):
     n = draw(st.sampled_from([1, 2, 4]))
+    if implementation == "pallas_mosaic_gpu":
+        return dict(
+            b=draw(st.integers(1, 2)),
+            t=draw(st.integers(1, 40)),
+            s=draw(st.integers(1, 200)),
+            n=n,
+            k=draw(st.sampled_from(sorted({1, max(1, n // 2), n}))),
+            h=draw(st.sampled_from([64, 128])),
+            dtype=jnp.bfloat16,
+            options=draw(st.sets(st.sampled_from(GPU_OPTIONS), max_size=4)),
+            blocks=draw(
+                st.sampled_from([None, AttentionBlockSizes(64, 64), AttentionBlockSizes(64, 128)])
+            ),
+            seed=draw(st.integers(0, 1000)),
+        )
     if implementation == "pallas_tpu":
         blocks = draw(
             st.sampled_from([None, AttentionBlockSizes(8, 128), AttentionBlockSizes(16, 128)])
@@ -139,8 +162,9 @@ def _rows_with_keys(case, kwargs):
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_fully_masked_rows_are_zero_with_zero_gradients(implementation):
-    q = jax.random.normal(jax.random.key(0), (1, 8, 2, 64))
-    k = jax.random.normal(jax.random.key(1), (1, 8, 1, 64))
+    dtype = jnp.bfloat16 if implementation == "pallas_mosaic_gpu" else jnp.float32
+    q = jax.random.normal(jax.random.key(0), (1, 8, 2, 64)).astype(dtype)
+    k = jax.random.normal(jax.random.key(1), (1, 8, 1, 64)).astype(dtype)
     lengths = jnp.array([0])
 
     def f(q, k, v):
@@ -158,6 +182,11 @@ def test_fully_masked_rows_are_zero_with_zero_gradients(implementation):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_reruns_are_bit_identical(implementation, dtype):
     blocks = AttentionBlockSizes(16, 128 if implementation == "pallas_tpu" else 16)
+    options = {"causal", "segments", "bias"}
+    if implementation == "pallas_mosaic_gpu":
+        if dtype == jnp.float32:
+            pytest.skip("the Mosaic GPU kernel takes bf16/f16 (wgmma)")
+        blocks, options = AttentionBlockSizes(64, 64), {"causal", "segments", "softcap"}
     case = dict(
         b=2,
         t=33,
@@ -166,7 +195,7 @@ def test_reruns_are_bit_identical(implementation, dtype):
         k=2,
         h=64,
         dtype=dtype,
-        options={"causal", "segments", "bias"},
+        options=options,
         blocks=blocks,
         seed=3,
     )
@@ -242,7 +271,17 @@ _Q, _K = jnp.ones((2, 8, 4, 16)), jnp.ones((2, 6, 2, 16))
             ValueError,
             "do not fit 'pallas_tpu'",
         ),
-        (dict(implementation="pallas_mosaic_gpu"), ValueError, "does not exist for this op"),
+        (
+            dict(
+                query=jnp.ones((2, 8, 4, 64), jnp.bfloat16),
+                key=jnp.ones((2, 6, 2, 64), jnp.bfloat16),
+                value=jnp.ones((2, 6, 2, 64), jnp.bfloat16),
+                implementation="pallas_mosaic_gpu",
+                block_sizes=AttentionBlockSizes(128, 64),
+            ),
+            ValueError,
+            "block_q must be 64",
+        ),
         (dict(block_sizes=(8, 8)), TypeError, "block_sizes must be AttentionBlockSizes"),
     ],
     ids=[
@@ -262,7 +301,7 @@ _Q, _K = jnp.ones((2, 8, 4, 16)), jnp.ones((2, 6, 2, 16))
         "softcap",
         "unknown-impl",
         "bad-tpu-blocks",
-        "no-gpu-kernel",
+        "bad-gpu-blocks",
         "blocks-type",
     ],
 )
@@ -313,3 +352,72 @@ def test_tpu_kernels_lower_with_every_option():
     assert_lowers_for_tpu(
         jax.grad(loss, argnums=(0, 1, 2, 3)), q, kv, kv, bias, seg_q, seg_kv, lengths, lengths
     )
+
+
+@pytest.mark.parametrize(
+    "q_shape, k_shape, dtype, extra, match",
+    [
+        ((1, 8, 2, 64), (1, 8, 1, 64), jnp.float32, {}, "must be bfloat16 or float16"),
+        ((1, 8, 2, 96), (1, 8, 1, 96), jnp.bfloat16, {}, "H=96 must be a multiple of 64"),
+        ((1, 8, 3, 64), (1, 8, 1, 64), jnp.bfloat16, {}, "N/K=3 must divide 64"),
+        ((1, 8, 2, 64), (1, 8, 1, 64), jnp.bfloat16, {"bias": True}, "bias and mask arrays"),
+    ],
+    ids=["f32", "head-size", "group", "bias"],
+)
+def test_mosaic_gpu_kernel_rejects_what_it_cannot_take(q_shape, k_shape, dtype, extra, match):
+    q, k = jnp.ones(q_shape, dtype), jnp.ones(k_shape, dtype)
+    bias = jnp.zeros((1, q_shape[2], q_shape[1], k_shape[1]), dtype) if extra else None
+    with interpret_mode(), pytest.raises(ValueError, match=match):
+        dot_product_attention(q, k, k, bias=bias, implementation="pallas_mosaic_gpu")
+
+
+def test_mosaic_gpu_kernel_double_buffering_is_race_free():
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (1, 40, 2, 64)).astype(jnp.bfloat16)
+    kv = jax.random.normal(keys[1], (1, 300, 1, 64)).astype(jnp.bfloat16)
+    with interpret_mode(detect_races=True):
+        out = dot_product_attention(
+            q,
+            kv,
+            kv,
+            segment_ids=(jnp.zeros((1, 40), jnp.int32), jnp.zeros((1, 300), jnp.int32)),
+            implementation="pallas_mosaic_gpu",
+            block_sizes=AttentionBlockSizes(64, 64),
+        )
+        out.block_until_ready()
+    assert not gpu_interpret_races_found()
+
+
+def test_mosaic_gpu_kernel_lowers_for_cuda():
+    # Gemini's context (T = S = 32768, N = 8, K = 1, H = 128, bf16), forward + backward;
+    # then every option the kernel takes, GQA, ragged lengths.
+    q = jax.ShapeDtypeStruct((1, 32768, 8, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 32768, 1, 128), jnp.bfloat16)
+
+    def loss(q, k, v):
+        out = dot_product_attention(q, k, v, is_causal=True, implementation="pallas_mosaic_gpu")
+        return jnp.sum(out.astype(jnp.float32))
+
+    exported = assert_lowers_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2)), q, kv, kv)
+    assert "mosaic_gpu" in exported.mlir_module()
+    q = jax.ShapeDtypeStruct((2, 1000, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 1500, 2, 128), jnp.bfloat16)
+    seg_q = jax.ShapeDtypeStruct((2, 1000), jnp.int32)
+    seg_kv = jax.ShapeDtypeStruct((2, 1500), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
+
+    def every_option(q, k, v, sq, skv, ql, kl):
+        return dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=True,
+            local_window_size=(256, 0),
+            segment_ids=(sq, skv),
+            logits_soft_cap=30.0,
+            query_seq_lengths=ql,
+            key_value_seq_lengths=kl,
+            implementation="pallas_mosaic_gpu",
+        )
+
+    assert_lowers_for_cuda(every_option, q, kv, kv, seg_q, seg_kv, lengths, lengths)

@@ -43,6 +43,9 @@ def _implementations(platform: str) -> dict:
             q, k, v, is_causal=c, implementation="pallas_tpu"
         )
     if platform == "gpu":
+        impls["pallax[pallas_mosaic_gpu]"] = lambda q, k, v, c: dot_product_attention(
+            q, k, v, is_causal=c, implementation="pallas_mosaic_gpu"
+        )
         impls["jax.nn[cudnn]"] = lambda q, k, v, c: jax.nn.dot_product_attention(
             q, k, v, is_causal=c, implementation="cudnn"
         )

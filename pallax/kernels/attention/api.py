@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 
 from pallax.kernels import _dispatch
-from pallax.kernels.attention import pallas_tpu_bwd, xla
+from pallax.kernels.attention import pallas_mosaic_gpu, pallas_tpu_bwd, xla
 from pallax.kernels.attention.config import AttentionBlockSizes, default_block_sizes
 from pallax.kernels.attention.masks import MaskSpec, normalize_window
 
-_AVAILABLE = ("xla", "pallas_tpu")
+_AVAILABLE = ("xla", "pallas_tpu", "pallas_mosaic_gpu")
 _NAME = "dot_product_attention"
 
 
@@ -49,10 +49,12 @@ def dot_product_attention(
     and bias and before masking (Gemma 2). A query with nothing to attend to
     returns zeros, and its gradients are zero.
 
-    implementation: None (the best for the platform: Pallas on TPU, else XLA),
-    'xla' (tiled, memory-efficient, with a recomputing backward) or 'pallas_tpu'
-    (flash attention kernels; in ``pallax.kernels.interpret_mode()`` on a CPU).
-    There is no Mosaic GPU kernel yet: on GPU, None uses the XLA path.
+    implementation: None (the best for the platform: Pallas on TPU, Mosaic GPU on a GPU when
+      the kernel takes the call, else XLA),
+    'xla' (tiled, memory-efficient, with a recomputing backward), 'pallas_tpu'
+    (flash attention kernels) or 'pallas_mosaic_gpu' (Hopper forward kernel, bf16/f16,
+    no bias/mask arrays; backward on the XLA path); Pallas kernels run on a CPU in
+    ``pallax.kernels.interpret_mode()``.
     block_sizes: query and key/value tile sizes.
     """
     window = _check_args(
@@ -71,7 +73,16 @@ def dot_product_attention(
     )
     _, t, _, h = query.shape
     s = key.shape[1]
-    mode = _dispatch.resolve(_NAME, implementation, available=_AVAILABLE)
+
+    def supports(impl):
+        if impl != "pallas_mosaic_gpu":
+            return None
+        blocks = block_sizes or default_block_sizes(impl, q_len=t, kv_len=s)
+        return pallas_mosaic_gpu.unsupported_reason(
+            query.shape, key.shape, query.dtype, bias=bias, mask=mask, block_kv=blocks.block_kv
+        )
+
+    mode = _dispatch.resolve(_NAME, implementation, available=_AVAILABLE, supports=supports)
     if block_sizes is None:
         block_sizes = default_block_sizes(mode.implementation, q_len=t, kv_len=s)
     block_sizes.check(mode.implementation)
@@ -98,6 +109,8 @@ def dot_product_attention(
 def _attention(query, key, value, bias, mask, aux, *, options, mode):
     if mode.implementation == "pallas_tpu":
         return pallas_tpu_bwd.attention(query, key, value, bias, mask, aux, options)
+    if mode.implementation == "pallas_mosaic_gpu":
+        return pallas_mosaic_gpu.attention(query, key, value, aux, options)
     return xla.attention(query, key, value, bias, mask, aux, options)
 
 

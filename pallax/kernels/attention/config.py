@@ -11,7 +11,8 @@ class AttentionBlockSizes:
       block_q: query rows per tile.
       block_kv: key/value rows per tile.
     Pallas TPU needs multiples of 8 (block_q) and 128 (block_kv, the lane axis of
-    the logits tile); the XLA path takes any positive size.
+    the logits tile); Mosaic GPU needs block_q = 64 (one warpgroup's rows of
+    packed query heads) and block_kv 64 or 128; the XLA path takes any positive size.
     """
 
     block_q: int = 512
@@ -29,11 +30,20 @@ class AttentionBlockSizes:
                 f"block_sizes {self} do not fit 'pallas_tpu': block_q must be a multiple of 8 "
                 "and block_kv a multiple of 128"
             )
+        if implementation == "pallas_mosaic_gpu" and (
+            self.block_q != 64 or self.block_kv not in (64, 128)
+        ):
+            raise ValueError(
+                f"block_sizes {self} do not fit 'pallas_mosaic_gpu': block_q must be 64 "
+                "and block_kv 64 or 128"
+            )
 
 
 def default_block_sizes(implementation: str, *, q_len: int, kv_len: int) -> AttentionBlockSizes:
     if implementation == "xla":
         return AttentionBlockSizes(block_q=min(512, q_len), block_kv=min(512, kv_len))
+    if implementation == "pallas_mosaic_gpu":
+        return AttentionBlockSizes(block_q=64, block_kv=128 if kv_len >= 128 else 64)
     # 512 x 512 tiles: the [G*512, 512] f32 logits of a group of G <= 8 heads plus
     # double-buffered q/k/v/o tiles stay within a 16-32 MiB scoped VMEM budget.
     return AttentionBlockSizes(

@@ -59,7 +59,8 @@ def allowed(spec: MaskSpec, q_pos, k_pos, *, q_len=None, kv_len=None, q_seg=None
     ok = conditions[0]
     for condition in conditions[1:]:  # no constant mask to start from: Mosaic GPU needs layouts
         ok = ok & condition
-    return jnp.broadcast_to(ok, shape) if jnp.shape(ok) != shape else ok
+    full = jnp.broadcast_shapes(jnp.shape(ok), shape)
+    return jnp.broadcast_to(ok, full) if jnp.shape(ok) != full else ok
 
 
 def tile_of(array: jax.Array | None, q_start, bq: int, k_start, bk: int) -> jax.Array | None:

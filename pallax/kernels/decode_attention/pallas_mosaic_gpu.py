@@ -32,6 +32,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallax.kernels._dispatch import InterpretConfig
+from pallax.kernels._mgpu import lookup as _lookup
+from pallax.kernels._mgpu import tma_table as _tma_table
 from pallax.kernels.attention.masks import MaskSpec, allowed
 from pallax.kernels.decode_attention.pallas_tpu import combine_splits
 
@@ -67,21 +69,6 @@ def unsupported_reason(rows: int, head_dim: int, dtype, page_size: int | None = 
 def default_num_splits(batch: int, kv_heads: int, num_blocks: int, sms: int = 132) -> int:
     """About two CTAs per SM of an H100 (132 SMs), never more splits than blocks."""
     return max(1, min(num_blocks, -(-2 * sms // (batch * kv_heads))))
-
-
-def _tma_table(x: jax.Array) -> jax.Array:
-    """int32 [A, W] -> [A, W' / C, C] (zero-padded), so that one TMA copies a row: at most
-    256 elements along each dimension and whole 16-byte units."""
-    width = x.shape[1]
-    cols = 256 if width > 256 else -(-width // 4) * 4
-    padded = -(-width // cols) * cols
-    x = jnp.pad(x.astype(jnp.int32), ((0, 0), (0, padded - width)))
-    return x.reshape(x.shape[0], padded // cols, cols)
-
-
-def _lookup(table_smem, i):
-    cols = table_smem.shape[-1]
-    return table_smem[jax.lax.div(i, cols), jax.lax.rem(i, cols)]
 
 
 @dataclasses.dataclass(frozen=True)
