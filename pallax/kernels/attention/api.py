@@ -9,7 +9,12 @@ import jax
 import jax.numpy as jnp
 
 from pallax.kernels import _dispatch
-from pallax.kernels.attention import pallas_mosaic_gpu, pallas_tpu_bwd, xla
+from pallax.kernels.attention import (
+    pallas_mosaic_gpu,
+    pallas_mosaic_gpu_bwd,
+    pallas_tpu_bwd,
+    xla,
+)
 from pallax.kernels.attention.config import AttentionBlockSizes, default_block_sizes
 from pallax.kernels.attention.masks import MaskSpec, normalize_window
 
@@ -52,8 +57,8 @@ def dot_product_attention(
     implementation: None (the best for the platform: Pallas on TPU, Mosaic GPU on a GPU when
       the kernel takes the call, else XLA),
     'xla' (tiled, memory-efficient, with a recomputing backward), 'pallas_tpu'
-    (flash attention kernels) or 'pallas_mosaic_gpu' (Hopper forward kernel, bf16/f16,
-    no bias/mask arrays; backward on the XLA path); Pallas kernels run on a CPU in
+    (flash attention kernels) or 'pallas_mosaic_gpu' (Hopper flash kernels, forward and
+    backward, bf16/f16, no bias/mask arrays); Pallas kernels run on a CPU in
     ``pallax.kernels.interpret_mode()``.
     block_sizes: query and key/value tile sizes.
     """
@@ -110,7 +115,7 @@ def _attention(query, key, value, bias, mask, aux, *, options, mode):
     if mode.implementation == "pallas_tpu":
         return pallas_tpu_bwd.attention(query, key, value, bias, mask, aux, options)
     if mode.implementation == "pallas_mosaic_gpu":
-        return pallas_mosaic_gpu.attention(query, key, value, aux, options)
+        return pallas_mosaic_gpu_bwd.attention(query, key, value, aux, options)
     return xla.attention(query, key, value, bias, mask, aux, options)
 
 

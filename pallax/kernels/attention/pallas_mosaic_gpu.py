@@ -1,4 +1,4 @@
-"""Flash attention forward as a Mosaic GPU (Hopper) kernel; backward on the XLA path.
+"""Flash attention forward as a Mosaic GPU (Hopper) kernel, and what the backward shares.
 
 Layout: the G = N / K query heads that share a KV head are packed into the rows
 of one tile, position-major ([B, K, T * G, H], row = t * G + g), so a CTA reads
@@ -14,8 +14,8 @@ the next block loading while this one is used:
   online softmax in f32 (row max, rescale, row sum in the WGMMA row layout)
   O += P V      wgmma with P (bf16/f16) from registers
 
-The output and the log-sum-exp are written per 64-row block. The backward is the
-XLA path's recomputing backward, fed with this kernel's log-sum-exp.
+The output and the log-sum-exp are written per 64-row block; the backward
+kernels (``pallas_mosaic_gpu_bwd.py``) recompute the tiles from them.
 
 The same kernel runs in JAX's GPU interpreter with the two matmuls computed by
 ``dot_general`` on the loaded tiles (the interpreter cannot run wgmma): the
@@ -30,7 +30,6 @@ uses XLA): bias and mask arrays, float32 inputs, head sizes not a multiple of
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -150,7 +149,10 @@ def _kernel(st: _Static):
                     issue(j + 1, 1 - slot)
 
                 plgpu.barrier_wait(bars.at[3 + slot])
-                s = _qk(st, q_smem, k_smem.at[slot])  # [64, bk] f32
+                s = matmul(  # [64, bk] f32
+                    st.interpret, q_smem, k_smem.at[slot], a_in_smem=True, transpose_b=True,
+                    shape=(BLOCK_Q, bk),
+                )  # fmt: skip
                 s = s * st.scale
                 if st.soft_cap is not None:
                     s = st.soft_cap * jnp.tanh(s / st.soft_cap)
@@ -174,7 +176,8 @@ def _kernel(st: _Static):
                 denom = alpha * denom + jnp.sum(p, axis=1)
                 acc = acc * jax.lax.broadcast_in_dim(alpha, acc.shape, (0,))
                 plgpu.barrier_wait(bars.at[5 + slot])
-                acc = _pv(st, acc, p.astype(q_smem.dtype), v_smem.at[slot])
+                p = p.astype(q_smem.dtype)
+                acc = matmul(st.interpret, p, v_smem.at[slot], a_in_smem=False, acc=acc)
                 plgpu.commit_smem()  # all threads are done with this slot before it refills
                 return acc, m_new, denom
 
@@ -199,31 +202,34 @@ def _kernel(st: _Static):
     return body
 
 
-def _qk(st: _Static, q_smem, k_slot):
-    if st.interpret:  # the GPU interpreter has no wgmma
-        q = plgpu.load(q_smem, layout=_WG)
-        k = plgpu.load(k_slot, layout=_WG)
-        return jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)
+def matmul(interpret: bool, a, b, *, a_in_smem: bool, transpose_b=False, acc=None, shape=None):
+    """``acc + a @ op(b)`` in f32: ``b`` an SMEM ref (``op`` = transpose when asked), ``a``
+    an SMEM ref or a bf16/f16 register array in the WGMMA layout; ``shape`` of the
+    product when there is no ``acc``. On hardware: wgmma. In the GPU interpreter
+    (which has no wgmma): dot_general on the loaded tiles."""
+    if interpret:
+        a_val = plgpu.load(a, layout=_WG) if a_in_smem else a
+        b_val = plgpu.load(b, layout=_WG)
+        product = jax.lax.dot_general(
+            a_val, b_val, _NT if transpose_b else _NN, preferred_element_type=jnp.float32
+        )
+        return product if acc is None else acc + product
+    b_op = b.transpose((1, 0)) if transpose_b else b
+    if acc is None:
 
-    def compute(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, k_slot.transpose((1, 0)))
-        return acc_ref[...]
+        def fresh(acc_ref):
+            plgpu.wgmma(acc_ref, a, b_op)
+            return acc_ref[...]
 
-    return pl.run_scoped(compute, plgpu.ACC((BLOCK_Q, st.bk), jnp.float32))
+        return pl.run_scoped(fresh, plgpu.ACC(shape, jnp.float32))
 
+    def accumulate(acc_ref):
+        plgpu.wgmma(acc_ref, a, b_op)
 
-def _pv(st: _Static, acc, p, v_slot):
-    if st.interpret:
-        v = plgpu.load(v_slot, layout=_WG)
-        return acc + jax.lax.dot_general(p, v, _NN, preferred_element_type=jnp.float32)
-
-    def compute(acc_ref):
-        plgpu.wgmma(acc_ref, p, v_slot)
-
-    return pl.run_state(compute)(plgpu.ACC.init(acc))
+    return pl.run_state(accumulate)(plgpu.ACC.init(acc))
 
 
-def _smem(shape, dtype):
+def smem(shape, dtype):
     swizzle = 128  # bytes: rows of 64 bf16/f16 elements
     transforms = (
         plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
@@ -232,50 +238,92 @@ def _smem(shape, dtype):
     return plgpu.SMEM(shape, dtype, transforms=transforms)
 
 
-def forward(q, k, v, aux, options: xla.Options):
-    """(out [B, T, N, H], lse [B, K, G, T]) for the kernel's cases (see unsupported_reason)."""
-    b, t, n, h = q.shape
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """The kernels' operands: query heads of a group packed into rows, K/V padded."""
+
+    q_rows: jax.Array  # [B, K, rows_p, H], row = t * G + g
+    k: jax.Array  # [B, s_pad, K, H]
+    v: jax.Array
+    lens: jax.Array  # tma_table of (q_len, kv_len) per sequence
+    q_seg: jax.Array  # [B, rows_p] (or a dummy)
+    kv_seg: jax.Array  # [B, s_pad] (or a dummy)
+    segments: bool
+
+
+def pack_rows(x, kh, rows_p):
+    """[B, T, N, ...] -> [B, K, rows_p, ...] (zero rows appended)."""
+    b, t, n = x.shape[:3]
+    g = n // kh
+    x = x.reshape(b, t, kh, g, *x.shape[3:])
+    x = jnp.moveaxis(x, 2, 1).reshape(b, kh, t * g, *x.shape[4:])
+    pad = [(0, 0)] * x.ndim
+    pad[2] = (0, rows_p - t * g)
+    return jnp.pad(x, pad)
+
+
+def unpack_rows(x, t, n):
+    """[B, K, rows_p, ...] -> [B, T, N, ...]."""
+    b, kh = x.shape[:2]
+    x = x[:, :, : t * (n // kh)].reshape(b, kh, t, n // kh, *x.shape[3:])
+    return jnp.moveaxis(x, 1, 2).reshape(b, t, n, *x.shape[4:])
+
+
+def pack(q, k, v, aux, *, s_multiple: int, s_min: int) -> Packed:
+    b, t, n, _ = q.shape
     s, kh = k.shape[1], k.shape[2]
-    g, bk = n // kh, options.block_kv
-    # One block must fit, and TMA into 8-row SMEM tiles needs S % 8 == 0: pad (a copy of
-    # K/V only for such S); the padded rows are masked by the lengths.
-    s_pad = max(bk, -(-s // 8) * 8)
+    g = n // kh
+    # TMA into 8-row SMEM tiles needs S % 8 == 0 and one block must fit: pad (a copy
+    # of K/V only for such S); the padded rows are masked by the lengths.
+    s_pad = max(s_min, -(-s // s_multiple) * s_multiple)
     if s_pad != s:
         pad = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
         k, v = jnp.pad(k, pad), jnp.pad(v, pad)
-    rows = t * g
-    rows_p = -(-rows // BLOCK_Q) * BLOCK_Q
-    q_rows = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, rows, h)
-    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows_p - rows), (0, 0)))
+    rows_p = -(-t * g // BLOCK_Q) * BLOCK_Q
     q_len = jnp.full((b,), t, jnp.int32) if aux[0] is None else jnp.clip(aux[0], 0, t)
     kv_len = jnp.full((b,), s, jnp.int32) if aux[1] is None else jnp.clip(aux[1], 0, s)
     lens = tma_table(jnp.stack([q_len, kv_len], axis=1).reshape(1, 2 * b))
     segments = aux[2] is not None
     if segments:
-        q_seg = jnp.pad(jnp.repeat(aux[2], g, axis=1), ((0, 0), (0, rows_p - rows)))
+        q_seg = jnp.pad(jnp.repeat(aux[2], g, axis=1), ((0, 0), (0, rows_p - t * g)))
         kv_seg = jnp.pad(aux[3], ((0, 0), (0, s_pad - s)))
     else:
-        q_seg, kv_seg = jnp.zeros((1, BLOCK_Q), jnp.int32), jnp.zeros((1, bk), jnp.int32)
+        q_seg, kv_seg = jnp.zeros((1, BLOCK_Q), jnp.int32), jnp.zeros((1, s_pad), jnp.int32)
+    return Packed(pack_rows(q, kh, rows_p), k, v, lens, q_seg, kv_seg, segments)
+
+
+def interpret_params(options: xla.Options):
+    interpret = options.interpret
+    return (
+        None if interpret is None else plgpu.InterpretGPUParams(detect_races=interpret.detect_races)
+    )
+
+
+def forward(q, k, v, aux, options: xla.Options):
+    """(out [B, T, N, H], lse [B, K, rows_p] f32 per packed row)."""
+    b, t, n, h = q.shape
+    kh, bk = k.shape[2], options.block_kv
+    pk = pack(q, k, v, aux, s_multiple=8, s_min=bk)
+    rows_p = pk.q_rows.shape[2]
     st = _Static(
-        g, h, s_pad, bk, options.spec, options.scale, options.soft_cap, segments,
-        options.interpret is not None,
+        n // kh, h, pk.k.shape[1], bk, options.spec, options.scale, options.soft_cap,
+        pk.segments, options.interpret is not None,
     )  # fmt: skip
     body = _kernel(st)
 
     def kernel(lens_gmem, q_gmem, k_gmem, v_gmem, qseg_gmem, kvseg_gmem, out_gmem, lse_gmem):
         pl.run_scoped(
             body(lens_gmem, q_gmem, k_gmem, v_gmem, qseg_gmem, kvseg_gmem, out_gmem, lse_gmem),
-            plgpu.SMEM(lens.shape[1:], jnp.int32),
-            _smem((BLOCK_Q, h), q.dtype),
-            _smem((2, bk, h), k.dtype),
-            _smem((2, bk, h), v.dtype),
+            plgpu.SMEM(pk.lens.shape[1:], jnp.int32),
+            smem((BLOCK_Q, h), q.dtype),
+            smem((2, bk, h), k.dtype),
+            smem((2, bk, h), v.dtype),
             plgpu.SMEM((BLOCK_Q,), jnp.int32),
             plgpu.SMEM((2, bk), jnp.int32),
             plgpu.SMEM((BLOCK_Q,), jnp.float32),
             plgpu.Barrier(num_barriers=9),
         )
 
-    interpret = options.interpret
     out, lse = plgpu.kernel(
         kernel,
         out_type=(
@@ -285,38 +333,6 @@ def forward(q, k, v, aux, options: xla.Options):
         grid=(b, kh, rows_p // BLOCK_Q),
         grid_names=("b", "k", "rows"),
         compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=4 * 4 * bk),
-        interpret=None
-        if interpret is None
-        else plgpu.InterpretGPUParams(detect_races=interpret.detect_races),
-    )(lens, q_rows, k, v, q_seg, kv_seg)
-    out = out[:, :, :rows].reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
-    lse = lse[:, :, :rows].reshape(b, kh, t, g).transpose(0, 1, 3, 2)  # [B, K, G, T]
-    return out, lse
-
-
-def _backward_options(options: xla.Options, t: int, s: int) -> xla.Options:
-    """The XLA backward's own (larger) tiles."""
-    return dataclasses.replace(options, block_q=min(512, t), block_kv=min(512, s), interpret=None)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def attention(q, k, v, aux, options: xla.Options):
-    return forward(q, k, v, aux, options)[0]
-
-
-def _fwd(q, k, v, aux, options):
-    out, lse = forward(q, k, v, aux, options)
-    return out, (q, k, v, aux, out, lse)
-
-
-def _bwd(options, residuals, dout):
-    q, k, v, aux, out, lse = residuals
-    t, s = q.shape[1], k.shape[1]
-    bwd_options = _backward_options(options, t, s)
-    tp = -(-t // bwd_options.block_q) * bwd_options.block_q
-    lse = jnp.pad(lse, ((0, 0), (0, 0), (0, 0), (0, tp - t)), constant_values=_LSE_PAD)
-    dq, dk, dv, _, _, _ = xla._bwd(bwd_options, (q, k, v, None, None, aux, out, lse), dout)
-    return dq, dk, dv, None
-
-
-attention.defvjp(_fwd, _bwd)
+        interpret=interpret_params(options),
+    )(pk.lens, pk.q_rows, pk.k, pk.v, pk.q_seg, pk.kv_seg)
+    return unpack_rows(out, t, n), lse

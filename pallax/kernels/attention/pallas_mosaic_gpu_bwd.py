@@ -1,0 +1,364 @@
+"""Flash attention backward as Mosaic GPU (Hopper) kernels, and the custom VJP.
+
+Both kernels recompute the probabilities of a tile from the forward's per-row
+log-sum-exp, with delta = rowsum(dO * O) computed by XLA beforehand:
+
+  dq kernel, grid (B, K, 64-row query blocks), walking K/V blocks:
+      S = Q K^T, P = exp(S - lse), dP = dO V^T, dS = P (dP - delta), dQ += dS K
+  dkv kernel, grid (B, K, 64-row K/V blocks), walking query blocks, in transposed
+  form so that every wgmma operand is an SMEM tile or a register tile:
+      S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T, dS^T, dK += dS^T Q
+
+A query block holds all the query heads of the group (the packed rows), so dK
+and dV are summed over the heads of the group inside the kernel. Blocks that the
+masks leave empty are neither copied nor computed. The streamed operands are
+double-buffered through TMA, as in the forward. K/V are padded to a multiple of
+64 rows so that each dkv CTA owns whole rows of dK and dV.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallax.kernels._mgpu import lookup
+from pallax.kernels.attention import pallas_mosaic_gpu as fwd
+from pallax.kernels.attention import xla
+from pallax.kernels.attention.masks import allowed
+
+B = fwd.BLOCK_Q  # 64: rows of every tile (query rows and key rows)
+_WG, _ROW, _COL = fwd._WG, fwd._ROW, fwd._COL
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    g: int
+    h: int
+    spec: object
+    scale: float
+    soft_cap: float | None
+    segments: bool
+    interpret: bool
+    rows_p: int
+
+
+def _logits(st, raw):
+    s = raw * st.scale
+    if st.soft_cap is not None:
+        s = st.soft_cap * jnp.tanh(s / st.soft_cap)
+    return s
+
+
+def _d_logits(st, p, dp, delta, s):
+    """dL/d(raw q.k) from dL/dP, through the softmax, the soft cap and the scale."""
+    ds = p * (dp - delta)
+    if st.soft_cap is not None:
+        ds = ds * (1.0 - jnp.square(s / st.soft_cap))
+    return ds * st.scale
+
+
+def _query_block_range(st, k0, q_len, kv_len):
+    """First and last 64-row query block whose rows attend to keys [k0, k0 + 64)."""
+    lowest = jnp.int32(0)  # the lowest query position that sees one of the keys
+    if st.spec.causal:
+        lowest = k0
+    if st.spec.window is not None:
+        left, right = st.spec.window
+        lowest = jnp.maximum(lowest, k0 - right)
+        highest = jnp.minimum(q_len - 1, k0 + B - 1 + left)
+    else:
+        highest = q_len - 1
+    first = jax.lax.div(jnp.maximum(lowest, 0) * st.g, B)
+    last = jax.lax.div((highest + 1) * st.g - 1, B)
+    last = jnp.where((k0 >= kv_len) | (highest < 0), -1, jnp.minimum(last, st.rows_p // B - 1))
+    return first, last
+
+
+def _dq_kernel(st: _Static, fst: fwd._Static):
+    shift = st.g.bit_length() - 1
+
+    def body(lens, q_g, k_g, v_g, do_g, lse_g, delta_g, qseg_g, kvseg_g, dq_g):
+        b, kh = jax.lax.axis_index("b"), jax.lax.axis_index("k")
+        row0 = jax.lax.axis_index("rows") * B
+
+        def scoped(lens_s, q_s, do_s, k_s, v_s, lse_s, delta_s, qseg_s, kvseg_s, bars):
+            # bars: 0 lengths, 1 q, 2 do, 3 lse, 4 delta, 5 q seg; per slot 6+ K, 8+ V, 10+ kv seg
+            rows = pl.ds(row0, B)
+            plgpu.copy_gmem_to_smem(lens.at[0], lens_s, bars.at[0])
+            plgpu.copy_gmem_to_smem(q_g.at[b, kh, rows], q_s, bars.at[1])
+            plgpu.copy_gmem_to_smem(do_g.at[b, kh, rows], do_s, bars.at[2])
+            plgpu.copy_gmem_to_smem(lse_g.at[b, kh, rows], lse_s, bars.at[3])
+            plgpu.copy_gmem_to_smem(delta_g.at[b, kh, rows], delta_s, bars.at[4])
+            waits = 5
+            if st.segments:
+                plgpu.copy_gmem_to_smem(qseg_g.at[b, rows], qseg_s, bars.at[5])
+                waits = 6
+            for i in range(waits):
+                plgpu.barrier_wait(bars.at[i])
+            q_len, kv_len = lookup(lens_s, 2 * b), lookup(lens_s, 2 * b + 1)
+            first, last = fwd._block_range(fst, row0, q_len, kv_len)
+
+            def issue(j, slot):
+                keys = pl.ds(j * B, B)
+                plgpu.copy_gmem_to_smem(k_g.at[b, keys, kh], k_s.at[slot], bars.at[6 + slot])
+                plgpu.copy_gmem_to_smem(v_g.at[b, keys, kh], v_s.at[slot], bars.at[8 + slot])
+                if st.segments:
+                    plgpu.copy_gmem_to_smem(
+                        kvseg_g.at[b, keys], kvseg_s.at[slot], bars.at[10 + slot]
+                    )
+
+            @pl.when(first <= last)
+            def _prefetch():
+                issue(first, 0)
+
+            lse = jax.lax.broadcast_in_dim(plgpu.load(lse_s, layout=_ROW), (B, B), (0,))
+            delta = jax.lax.broadcast_in_dim(plgpu.load(delta_s, layout=_ROW), (B, B), (0,))
+            iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, (B, B), layout=_WG)
+            q_pos = jax.lax.shift_right_logical(row0 + iota(0), shift)
+            q_seg = None
+            if st.segments:
+                q_seg = jax.lax.broadcast_in_dim(plgpu.load(qseg_s, layout=_ROW), (B, B), (0,))
+
+            def step(j, dq):
+                slot = jax.lax.rem(j - first, 2)
+
+                @pl.when(j < last)
+                def _next():
+                    issue(j + 1, 1 - slot)
+
+                plgpu.barrier_wait(bars.at[6 + slot])
+                raw = fwd.matmul(
+                    st.interpret, q_s, k_s.at[slot], a_in_smem=True, transpose_b=True, shape=(B, B)
+                )
+                s = _logits(st, raw)
+                kv_seg = None
+                if st.segments:
+                    plgpu.barrier_wait(bars.at[10 + slot])
+                    kv_seg = plgpu.load(kvseg_s.at[slot], layout=_COL)
+                    kv_seg = jax.lax.broadcast_in_dim(kv_seg, (B, B), (1,))
+                ok = allowed(
+                    st.spec, q_pos, j * B + iota(1), q_len=q_len, kv_len=kv_len,
+                    q_seg=q_seg, kv_seg=kv_seg,
+                )  # fmt: skip
+                p = jnp.where(ok, jnp.exp(s - lse), 0.0)
+                plgpu.barrier_wait(bars.at[8 + slot])
+                dp = fwd.matmul(
+                    st.interpret, do_s, v_s.at[slot], a_in_smem=True, transpose_b=True, shape=(B, B)
+                )
+                ds = _d_logits(st, p, dp, delta, s).astype(q_s.dtype)
+                dq = fwd.matmul(st.interpret, ds, k_s.at[slot], a_in_smem=False, acc=dq)
+                plgpu.commit_smem()  # every thread is done with the slot before it refills
+                return dq
+
+            zeros = plgpu.layout_cast(jnp.zeros((B, st.h), jnp.float32), _WG)
+            dq = jax.lax.fori_loop(first, last + 1, step, zeros)
+            q_s[...] = dq.astype(q_s.dtype)  # the Q tile becomes the dQ tile
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_s, dq_g.at[b, kh, rows])
+            plgpu.wait_smem_to_gmem(0)
+
+        return scoped
+
+    return body
+
+
+def _dkv_kernel(st: _Static):
+    shift = st.g.bit_length() - 1
+
+    def body(lens, q_g, k_g, v_g, do_g, lse_g, delta_g, qseg_g, kvseg_g, dk_g, dv_g):
+        b, kh = jax.lax.axis_index("b"), jax.lax.axis_index("k")
+        k0 = jax.lax.axis_index("keys") * B
+
+        def scoped(lens_s, k_s, v_s, kvseg_s, q_s, do_s, lse_s, delta_s, qseg_s, bars):
+            # bars: 0 lengths, 1 K, 2 V, 3 kv seg; per slot 4+ q, 6+ do, 8+ lse, 10+ delta,
+            # 12+ q seg
+            keys = pl.ds(k0, B)
+            plgpu.copy_gmem_to_smem(lens.at[0], lens_s, bars.at[0])
+            plgpu.copy_gmem_to_smem(k_g.at[b, keys, kh], k_s, bars.at[1])
+            plgpu.copy_gmem_to_smem(v_g.at[b, keys, kh], v_s, bars.at[2])
+            waits = 3
+            if st.segments:
+                plgpu.copy_gmem_to_smem(kvseg_g.at[b, keys], kvseg_s, bars.at[3])
+                waits = 4
+            for i in range(waits):
+                plgpu.barrier_wait(bars.at[i])
+            q_len, kv_len = lookup(lens_s, 2 * b), lookup(lens_s, 2 * b + 1)
+            first, last = _query_block_range(st, k0, q_len, kv_len)
+
+            def issue(i, slot):
+                rows = pl.ds(i * B, B)
+                plgpu.copy_gmem_to_smem(q_g.at[b, kh, rows], q_s.at[slot], bars.at[4 + slot])
+                plgpu.copy_gmem_to_smem(do_g.at[b, kh, rows], do_s.at[slot], bars.at[6 + slot])
+                plgpu.copy_gmem_to_smem(lse_g.at[b, kh, rows], lse_s.at[slot], bars.at[8 + slot])
+                plgpu.copy_gmem_to_smem(
+                    delta_g.at[b, kh, rows], delta_s.at[slot], bars.at[10 + slot]
+                )
+                if st.segments:
+                    plgpu.copy_gmem_to_smem(qseg_g.at[b, rows], qseg_s.at[slot], bars.at[12 + slot])
+
+            @pl.when(first <= last)
+            def _prefetch():
+                issue(first, 0)
+
+            iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, (B, B), layout=_WG)
+            k_pos = k0 + iota(0)  # rows: keys; columns: query rows
+            kv_seg = None
+            if st.segments:
+                kv_seg = jax.lax.broadcast_in_dim(plgpu.load(kvseg_s, layout=_ROW), (B, B), (0,))
+
+            def step(i, carry):
+                dk, dv = carry
+                slot = jax.lax.rem(i - first, 2)
+
+                @pl.when(i < last)
+                def _next():
+                    issue(i + 1, 1 - slot)
+
+                for base in (4, 6, 8, 10):
+                    plgpu.barrier_wait(bars.at[base + slot])
+                raw_t = fwd.matmul(
+                    st.interpret, k_s, q_s.at[slot], a_in_smem=True, transpose_b=True, shape=(B, B)
+                )
+                s_t = _logits(st, raw_t)
+                q_pos = jax.lax.shift_right_logical(i * B + iota(1), shift)
+                q_seg = None
+                if st.segments:
+                    plgpu.barrier_wait(bars.at[12 + slot])
+                    q_seg = plgpu.load(qseg_s.at[slot], layout=_COL)
+                    q_seg = jax.lax.broadcast_in_dim(q_seg, (B, B), (1,))
+                ok = allowed(
+                    st.spec, q_pos, k_pos, q_len=q_len, kv_len=kv_len, q_seg=q_seg, kv_seg=kv_seg
+                )
+                lse = plgpu.load(lse_s.at[slot], layout=_COL)
+                p_t = jnp.where(ok, jnp.exp(s_t - jax.lax.broadcast_in_dim(lse, (B, B), (1,))), 0.0)
+                dv = fwd.matmul(
+                    st.interpret, p_t.astype(k_s.dtype), do_s.at[slot], a_in_smem=False, acc=dv
+                )
+                dp_t = fwd.matmul(
+                    st.interpret, v_s, do_s.at[slot], a_in_smem=True, transpose_b=True, shape=(B, B)
+                )
+                delta = plgpu.load(delta_s.at[slot], layout=_COL)
+                delta = jax.lax.broadcast_in_dim(delta, (B, B), (1,))
+                ds_t = _d_logits(st, p_t, dp_t, delta, s_t).astype(k_s.dtype)
+                dk = fwd.matmul(st.interpret, ds_t, q_s.at[slot], a_in_smem=False, acc=dk)
+                plgpu.commit_smem()  # every thread is done with the slot before it refills
+                return dk, dv
+
+            zeros = plgpu.layout_cast(jnp.zeros((B, st.h), jnp.float32), _WG)
+            dk, dv = jax.lax.fori_loop(first, last + 1, step, (zeros, zeros))
+            k_s[...] = dk.astype(k_s.dtype)  # the K and V tiles become the dK and dV tiles
+            v_s[...] = dv.astype(v_s.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(k_s, dk_g.at[b, kh, keys])
+            plgpu.copy_smem_to_gmem(v_s, dv_g.at[b, kh, keys])
+            plgpu.wait_smem_to_gmem(0)
+
+        return scoped
+
+    return body
+
+
+def backward(q, k, v, aux, out, lse, dout, options: xla.Options):
+    """(dq, dk, dv) from the forward's output and packed-row log-sum-exp."""
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    pk = fwd.pack(q, k, v, aux, s_multiple=B, s_min=B)
+    rows_p, s_pad = pk.q_rows.shape[2], pk.k.shape[1]
+    do_rows = fwd.pack_rows(dout, kh, rows_p)
+    delta = jnp.einsum(
+        "bkrh,bkrh->bkr",
+        do_rows.astype(jnp.float32),
+        fwd.pack_rows(out, kh, rows_p).astype(jnp.float32),
+        preferred_element_type=jnp.float32,
+    )  # fmt: skip
+    st = _Static(
+        n // kh, h, options.spec, options.scale, options.soft_cap, pk.segments,
+        options.interpret is not None, rows_p,
+    )  # fmt: skip
+    fst = fwd._Static(
+        st.g, h, s_pad, B, options.spec, options.scale, options.soft_cap, pk.segments,
+        st.interpret,
+    )  # fmt: skip
+    operands = (pk.lens, pk.q_rows, pk.k, pk.v, do_rows, lse, delta, pk.q_seg, pk.kv_seg)
+    lens_smem = plgpu.SMEM(pk.lens.shape[1:], jnp.int32)
+    params = dict(
+        compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=4 * 4 * B),
+        interpret=fwd.interpret_params(options),
+    )
+    dq_body = _dq_kernel(st, fst)
+
+    def dq_kernel(*refs):
+        pl.run_scoped(
+            dq_body(*refs),
+            lens_smem,
+            fwd.smem((B, h), q.dtype),
+            fwd.smem((B, h), q.dtype),
+            fwd.smem((2, B, h), k.dtype),
+            fwd.smem((2, B, h), v.dtype),
+            plgpu.SMEM((B,), jnp.float32),
+            plgpu.SMEM((B,), jnp.float32),
+            plgpu.SMEM((B,), jnp.int32),
+            plgpu.SMEM((2, B), jnp.int32),
+            plgpu.Barrier(num_barriers=12),
+        )
+
+    dq = plgpu.kernel(
+        dq_kernel,
+        out_type=jax.ShapeDtypeStruct((b, kh, rows_p, h), q.dtype),
+        grid=(b, kh, rows_p // B),
+        grid_names=("b", "k", "rows"),
+        **params,
+    )(*operands)
+    dkv_body = _dkv_kernel(st)
+
+    def dkv_kernel(*refs):
+        pl.run_scoped(
+            dkv_body(*refs),
+            lens_smem,
+            fwd.smem((B, h), k.dtype),
+            fwd.smem((B, h), v.dtype),
+            plgpu.SMEM((B,), jnp.int32),
+            fwd.smem((2, B, h), q.dtype),
+            fwd.smem((2, B, h), q.dtype),
+            plgpu.SMEM((2, B), jnp.float32),
+            plgpu.SMEM((2, B), jnp.float32),
+            plgpu.SMEM((2, B), jnp.int32),
+            plgpu.Barrier(num_barriers=14),
+        )
+
+    dk, dv = plgpu.kernel(
+        dkv_kernel,
+        out_type=(
+            jax.ShapeDtypeStruct((b, kh, s_pad, h), k.dtype),
+            jax.ShapeDtypeStruct((b, kh, s_pad, h), v.dtype),
+        ),
+        grid=(b, kh, s_pad // B),
+        grid_names=("b", "k", "keys"),
+        **params,
+    )(*operands)
+    unkv = lambda x: jnp.moveaxis(x, 1, 2)[:, :s]
+    return fwd.unpack_rows(dq, t, n), unkv(dk), unkv(dv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def attention(q, k, v, aux, options: xla.Options):
+    return fwd.forward(q, k, v, aux, options)[0]
+
+
+def _fwd(q, k, v, aux, options):
+    out, lse = fwd.forward(q, k, v, aux, options)
+    return out, (q, k, v, aux, out, lse)
+
+
+def _bwd(options, residuals, dout):
+    q, k, v, aux, out, lse = residuals
+    dq, dk, dv = backward(q, k, v, aux, out, lse, dout, options)
+    return dq, dk, dv, None
+
+
+attention.defvjp(_fwd, _bwd)
