@@ -27,12 +27,9 @@ def device_fingerprints(tree, mesh: Mesh) -> np.ndarray:
     )
     spec_leaves, treedef = jax.tree.flatten(specs)
     fps = _fingerprinter(mesh, treedef, tuple(spec_leaves))(tree)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        fps = multihost_utils.process_allgather(fps, tiled=True)
-    fps = np.asarray(jax.device_get(fps))
-    return fps.reshape(tuple(mesh.shape.values()) + fps.shape[len(mesh.shape) :])
+    # Gathered inside the jitted function: replicated, so every process has it all.
+    fps = np.asarray(fps.addressable_data(0))
+    return fps.reshape(tuple(mesh.shape.values()) + fps.shape[1:])
 
 
 def replica_fingerprints(tree, mesh: Mesh, axis: str = "data") -> np.ndarray:
@@ -51,12 +48,12 @@ def _fingerprinter(mesh: Mesh, treedef, spec_leaves):
     names = mesh.axis_names
     specs = jax.tree.unflatten(treedef, list(spec_leaves))
 
-    def local(t):  # -> [1, ..., 1 (one per mesh axis), L, 2]
-        return fingerprint(t).reshape((1,) * len(names) + (-1, 2))
+    def local(t):  # -> [devices, L, 2], devices in mesh order, on every device
+        return jax.lax.all_gather(fingerprint(t), names)
 
     return jax.jit(
         jax.shard_map(
-            local, mesh=mesh, in_specs=(specs,), out_specs=PartitionSpec(*names), check_vma=False
+            local, mesh=mesh, in_specs=(specs,), out_specs=PartitionSpec(), check_vma=False
         )
     )
 
