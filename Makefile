@@ -32,13 +32,15 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m pallax.train --preset tiny --steps 1500 --batch 32 --json train.json
 
-# Fault tolerance on 4 worker processes (2 replicas x 2 workers): a clean run, then
-# the same run losing worker 2 and suffering a bit flip on worker 1, recovered from
-# the intact replica with a cold restart, then again with a hot standby. Same final
-# parameters (sha256) each time; the recoveries and the goodput are printed.
+# Fault tolerance on 4 worker processes (2 replicas x 2 workers): an uninterrupted
+# run, then the same run losing worker 2 and suffering a bit flip on worker 1,
+# recovered from the intact replica with a cold restart, then again with a hot
+# standby. Same final parameters (sha256) each time; recoveries and goodput printed.
+# (Another process count may sum across processes in another order: compare like
+# with like.)
 FAULT_RUN := --preset tiny --steps 60 --batch 16 --seq-len 64 --sample-tokens 16 --quiet
 demo-faults: $(STAMP)
-	$(PY) -m pallax.train $(FAULT_RUN) --json faults_clean.json
+	$(PY) -m pallax.train $(FAULT_RUN) --processes 4 --json faults_clean.json
 	$(PY) -m pallax.train $(FAULT_RUN) --processes 4 --fault-tolerant --checkpoint-every 20 \
 		--sdc-check --inject kill:worker=2,step=25 --inject bitflip:worker=1,step=40 \
 		--json faults.json

@@ -71,8 +71,8 @@ def parse_args(argv=None):
         action="append",
         default=[],
         help="failure injection (repeatable): bitflip:replica=R,step=S or "
-        "bitflip:worker=W,step=S (needs --sdc-check), kill:worker=W,step=S and "
-        "corrupt-persistent:step=S (need --fault-tolerant)",
+        "bitflip:worker=W,step=S (needs --sdc-check), kill:worker=W,step=S, "
+        "hang:worker=W,step=S and corrupt-persistent:step=S (need --fault-tolerant)",
     )
     ft = p.add_argument_group("fault tolerance (with --processes N >= 2 and 2 data replicas)")
     ft.add_argument(
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     if any(i.kind == "bitflip" for i in injections) and not args.sdc_check:
         raise SystemExit("--inject bitflip:... needs --sdc-check")
     if any(i.kind != "bitflip" for i in injections) and not args.fault_tolerant:
-        raise SystemExit("--inject kill:/corrupt-persistent: need --fault-tolerant")
+        raise SystemExit("--inject kill:/hang:/corrupt-persistent: need --fault-tolerant")
     if args.fault_tolerant and args.processes < 2:
         raise SystemExit("--fault-tolerant needs --processes N >= 2 (N even: 2 data replicas)")
     if args.processes > 1 and "PALLAX_PROCESS_ID" not in os.environ:

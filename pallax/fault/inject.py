@@ -5,6 +5,8 @@
 - ``bitflip:replica=R,step=S`` or ``bitflip:worker=W,step=S``: after step S,
   flip one bit of a parameter on one device of replica R (or of worker W);
 - ``kill:worker=W,step=S``: worker W exits abruptly before step S (a lost host);
+- ``hang:worker=W,step=S``: worker W stops making progress before step S (a hung
+  host: only the heartbeat timeout can tell);
 - ``corrupt-persistent:step=S``: once the persistent checkpoint of step S is
   final, alter a byte of one of its files (corruption at rest).
 """
@@ -16,6 +18,7 @@ import dataclasses
 _FORMS = {
     "bitflip": "bitflip:replica=R,step=S or bitflip:worker=W,step=S",
     "kill": "kill:worker=W,step=S",
+    "hang": "hang:worker=W,step=S",
     "corrupt-persistent": "corrupt-persistent:step=S",
 }
 EXIT_KILLED = 86  # exit status of a worker killed by injection
@@ -23,7 +26,7 @@ EXIT_KILLED = 86  # exit status of a worker killed by injection
 
 @dataclasses.dataclass(frozen=True)
 class Injection:
-    kind: str  # 'bitflip' | 'kill' | 'corrupt-persistent'
+    kind: str  # 'bitflip' | 'kill' | 'hang' | 'corrupt-persistent'
     step: int
     worker: int | None = None
     replica: int | None = None
@@ -44,7 +47,9 @@ def parse_injection(text: str) -> Injection:
         fields = {k: int(v) for k, v in (item.split("=", 1) for item in spec.split(",") if item)}
     except ValueError:
         raise ValueError(f"--inject {text!r}: expected {_FORMS[kind]}") from None
-    allowed = {"bitflip": {"replica", "worker"}, "kill": {"worker"}}.get(kind, set())
+    allowed = {"bitflip": {"replica", "worker"}, "kill": {"worker"}, "hang": {"worker"}}.get(
+        kind, set()
+    )
     targets = fields.keys() - {"step"}
     ok = "step" in fields and targets <= allowed and (not allowed or len(targets) == 1)
     if not ok or min(fields.values()) < 0:

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import sys
 import time
 
 import jax
@@ -67,12 +66,13 @@ class WorkerRuntime:
     worker: int
     spawned: float
     tiers: ReplicatedTiers
-    kills: set[int]
+    kills: dict[int, str]  # step -> 'kill' | 'hang' (injected for this worker)
     tracker: GoodputTracker = dataclasses.field(default_factory=GoodputTracker)
     plan: RestorePlan | None = None
     restore_s: float = 0.0
     steps_done: int = 0
     marks: dict[str, float] = dataclasses.field(default_factory=dict)
+    begun: int = -1  # the step this worker last started (tells a hung worker from waiters)
 
     @classmethod
     def from_env(
@@ -92,7 +92,9 @@ class WorkerRuntime:
         for injection in injections:
             if injection.kind == "corrupt-persistent":
                 tiers.corrupt_persistent_after_save(injection.step)
-        kills = {i.step for i in injections if i.kind == "kill" and i.worker == worker}
+        kills = {
+            i.step: i.kind for i in injections if i.kind in ("kill", "hang") and i.worker == worker
+        }
         runtime = cls(
             ft_dir,
             int(os.environ.get(ENV_ATTEMPT, "0")),
@@ -120,6 +122,7 @@ class WorkerRuntime:
                 "plan": None if self.plan is None else dataclasses.asdict(self.plan),
                 "restore_s": self.restore_s,
                 "startup_marks": self.marks,
+                "begun": self.begun,
             },
         )
 
@@ -141,10 +144,15 @@ class WorkerRuntime:
         return state, first
 
     def before_step(self, step: int) -> None:
-        if step in self.kills:
-            print(f"worker {self.worker}: injected kill before step {step}", flush=True)
-            sys.stdout.flush()
+        kind = self.kills.get(step)
+        if kind is not None:
+            print(f"worker {self.worker}: injected {kind} before step {step}", flush=True)
+            if kind == "hang":  # alive but silent: the supervisor's heartbeat timeout
+                while True:
+                    time.sleep(3600)
             os._exit(EXIT_KILLED)
+        self.begun = step
+        self.heartbeat("training", step)
 
     def after_step(self, step: int, state, seconds: float, *, compiled: bool) -> None:
         """``state`` is the result of step ``step`` (``seconds`` of compute)."""

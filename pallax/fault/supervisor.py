@@ -12,8 +12,10 @@ their exit codes and heartbeat files, and when a worker is lost:
    holds (persistent storage only when none does; see ``tiers.py``), and resume.
 
 A worker is *lost* when it exits with the injected-kill status, is killed by
-SIGKILL, stops sending heartbeats for ``heartbeat_timeout`` seconds, or is named
-by the SDC guard as persistently faulty. Any other failure with no worker lost
+SIGKILL, stops making progress for ``heartbeat_timeout`` seconds while the others
+began a later step (a hung host), or is named by the SDC guard as persistently
+faulty. If every worker stops at the same step the job is restarted as a whole,
+every tier kept. Any other failure with no worker lost
 is a bug, not a fault: the supervisor stops and shows the log.
 
 With ``hot_standby`` the supervisor keeps one warm process per worker started
@@ -40,6 +42,7 @@ from pallax.fault.goodput import GoodputTracker
 from pallax.fault.inject import EXIT_KILLED, Injection
 
 EXIT_SDC = 87  # a worker named by the SDC guard as persistently faulty exits with this
+JOB_HANG = -1  # in a set of lost workers: the whole job stopped progressing
 _LOST_CODES = {
     EXIT_KILLED: "killed (injected)",
     EXIT_SDC: "persistent SDC",
@@ -163,6 +166,30 @@ class Supervisor:
             ):
                 self.phase_seen[(attempt, phase)] = time.time()
 
+    def _hung(self, attempt: int, codes, now: float) -> dict[int, str]:
+        """Workers that stopped making progress. When one worker hangs the others soon
+        wait for it in a collective, so after the timeout all are silent: the hung ones
+        are those that never began the step the others began. If none lags, the whole
+        job is stuck: every worker is restarted (``JOB_HANG``) and no tier is dropped."""
+        beats = {
+            w: b
+            for w in range(self.processes)
+            if (b := self.heartbeats.get((attempt, w))) is not None
+            and b["phase"] == "training"
+            and b["steps_done"] > 0  # the first step compiles: no timeout before it ends
+            and codes[w] is None
+        }
+        stalled = {w for w, b in beats.items() if now - b["time"] > self.heartbeat_timeout}
+        if not stalled:
+            return {}
+        ahead = max(b["begun"] for b in beats.values())
+        laggards = {w for w in stalled if beats[w]["begun"] < ahead}
+        if laggards:
+            return {w: f"no progress for {now - beats[w]['time']:.0f} s" for w in laggards}
+        if len(stalled) == len(beats) == self.processes:
+            return {JOB_HANG: f"no worker progressed for {self.heartbeat_timeout:.0f} s"}
+        return {}
+
     def _watch(self, attempt: int, procs, pool) -> dict[int, str]:
         """Waits for the attempt to end; returns the lost workers ({} on success)."""
         while True:
@@ -172,15 +199,7 @@ class Supervisor:
             codes = [p.poll() for p in procs]
             if all(c == 0 for c in codes):
                 return {}
-            now = time.time()
-            hung = {
-                w: f"no heartbeat for {now - b['time']:.0f} s"
-                for w in range(self.processes)
-                if (b := self.heartbeats.get((attempt, w))) is not None
-                and b["phase"] == "training"
-                and codes[w] is None
-                and now - b["time"] > self.heartbeat_timeout
-            }
+            hung = self._hung(attempt, codes, time.time())
             if hung or any(c not in (None, 0) for c in codes):
                 time.sleep(0.5)  # collect workers lost at the same moment
                 codes = [p.poll() for p in procs]
@@ -219,7 +238,10 @@ class Supervisor:
                     proc.wait()
                 self._read_heartbeats(attempt)
                 for worker in lost:  # a lost host takes its in-memory tier with it
-                    shutil.rmtree(runtime.local_tier_dir(self.ft_dir, worker), ignore_errors=True)
+                    if worker != JOB_HANG:
+                        shutil.rmtree(
+                            runtime.local_tier_dir(self.ft_dir, worker), ignore_errors=True
+                        )
                 reached = max(
                     (b["step"] or 0 for (a, _), b in self.heartbeats.items() if a == attempt),
                     default=0,
@@ -227,8 +249,10 @@ class Supervisor:
                 self.pending = [
                     i
                     for i in self.pending
-                    if not (i.kind == "kill" and i.worker in lost and i.step <= reached + 1)
-                    and not (i.kind != "kill" and i.step < reached)
+                    if not (
+                        i.kind in ("kill", "hang") and i.worker in lost and i.step <= reached + 1
+                    )
+                    and not (i.kind not in ("kill", "hang") and i.step < reached)
                 ]
                 self.events.append(
                     {
@@ -241,7 +265,10 @@ class Supervisor:
                 )
                 self.echo(
                     f"[supervisor] attempt {attempt}: lost "
-                    + ", ".join(f"worker {w} ({why})" for w, why in sorted(lost.items()))
+                    + ", ".join(
+                        f"worker {w} ({why})" if w != JOB_HANG else f"the whole job ({why})"
+                        for w, why in sorted(lost.items())
+                    )
                     + f" at step {reached}; restarting with a replacement"
                     + (" from the hot standby pool" if pool else "")
                 )

@@ -55,6 +55,7 @@ def test_injection_spec_errors(text):
         ("bitflip:replica=1,step=20", Injection("bitflip", 20, replica=1)),
         ("bitflip:worker=3,step=7", Injection("bitflip", 7, worker=3)),
         ("kill:worker=2,step=37", Injection("kill", 37, worker=2)),
+        ("hang:worker=1,step=4", Injection("hang", 4, worker=1)),
         ("corrupt-persistent:step=5", Injection("corrupt-persistent", 5)),
     ],
 )

@@ -103,6 +103,40 @@ def test_any_worker_lost(tmp_path, baseline, worker):
 
 
 @pytest.mark.slow
+def test_hung_worker_is_found_by_its_heartbeat(tmp_path, baseline):
+    summary, _ = _supervised(
+        tmp_path, "hang", "hang:worker=3,step=5", extra=["--heartbeat-timeout", "8"]
+    )
+    (rec,) = summary["fault_tolerance"]["recoveries"]
+    assert list(rec["lost"]) == ["3"] and rec["lost"]["3"].startswith("no progress")
+    assert summary["param_digest"] == baseline["param_digest"]
+
+
+def _beat(step, begun, age, steps_done=3):
+    return {"attempt": 0, "phase": "training", "step": step, "begun": begun,
+            "time": 1000.0 - age, "steps_done": steps_done}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "beats, expected",
+    [
+        # Worker 3 hung before step 5; the others began step 5 and wait in a collective.
+        ([_beat(5, 5, 30), _beat(5, 5, 30), _beat(5, 5, 30), _beat(5, 4, 31)], {3}),
+        ([_beat(5, 5, 1), _beat(5, 5, 1), _beat(5, 5, 1), _beat(5, 4, 1)], set()),  # in time
+        ([_beat(5, 5, 30)] * 4, {-1}),  # nobody lags: the whole job is stuck
+        ([_beat(0, 0, 30, steps_done=0)] * 4, set()),  # compiling the first step
+    ],
+    ids=["one-hung", "not-yet", "job-hang", "compiling"],
+)
+def test_hang_detection_names_the_laggard(tmp_path, beats, expected):
+    from pallax.fault import Supervisor
+
+    sup = Supervisor([], 4, tmp_path, heartbeat_timeout=20)
+    sup.heartbeats = {(0, w): b for w, b in enumerate(beats)}
+    assert set(sup._hung(0, [None] * 4, 1000.0)) == expected
+
+
+@pytest.mark.slow
 def test_hot_standby(tmp_path, baseline):
     summary, _ = _supervised(tmp_path, "hot", "kill:worker=2,step=6", extra=["--hot-standby"])
     report = summary["fault_tolerance"]
@@ -131,6 +165,7 @@ def test_a_crash_without_a_lost_worker_is_reported_not_retried(tmp_path):
         (["--inject", "bitflip:replica=1,step=3"], "needs --sdc-check"),
         (["--fault-tolerant"], "needs --processes"),
         (["--inject", "kill:step=3"], "kill:worker=W,step=S"),
+        (["--inject", "hang:worker=1,step=3"], "need --fault-tolerant"),
     ],
 )
 def test_command_line_errors(args, message):
