@@ -25,15 +25,20 @@ from tests.strategies import dtypes
 
 IMPLEMENTATIONS = ("xla", "pallas_tpu", "pallas_mosaic_gpu")
 OPTIONS = ("causal", "window", "segments", "softcap", "bias", "mask", "lengths")
-# The Mosaic GPU kernel takes bf16/f16 only and no bias or mask arrays (the
-# interpreter runs its matmuls as dot_general: wgmma is checked on a GPU).
-GPU_OPTIONS = tuple(o for o in OPTIONS if o not in ("bias", "mask"))
+# The Mosaic GPU kernels take bf16/f16 only (the interpreter runs their matmuls as
+# dot_general: wgmma is checked on a GPU); with bias or mask arrays block_kv is 64.
 
 
 @st.composite
 def cases(draw, implementation="xla"):
     n = draw(st.sampled_from([1, 2, 4]))
     if implementation == "pallas_mosaic_gpu":
+        options = draw(st.sets(st.sampled_from(OPTIONS), max_size=4))
+        blocks = draw(
+            st.sampled_from([None, AttentionBlockSizes(64, 64), AttentionBlockSizes(64, 128)])
+        )
+        if options & {"bias", "mask"} and blocks is not None:
+            blocks = AttentionBlockSizes(64, 64)
         return dict(
             b=draw(st.integers(1, 2)),
             t=draw(st.integers(1, 40)),
@@ -42,10 +47,8 @@ def cases(draw, implementation="xla"):
             k=draw(st.sampled_from(sorted({1, max(1, n // 2), n}))),
             h=draw(st.sampled_from([64, 128])),
             dtype=jnp.bfloat16,
-            options=draw(st.sets(st.sampled_from(GPU_OPTIONS), max_size=4)),
-            blocks=draw(
-                st.sampled_from([None, AttentionBlockSizes(64, 64), AttentionBlockSizes(64, 128)])
-            ),
+            options=options,
+            blocks=blocks,
             seed=draw(st.integers(0, 1000)),
         )
     if implementation == "pallas_tpu":
@@ -186,7 +189,7 @@ def test_reruns_are_bit_identical(implementation, dtype):
     if implementation == "pallas_mosaic_gpu":
         if dtype == jnp.float32:
             pytest.skip("the Mosaic GPU kernel takes bf16/f16 (wgmma)")
-        blocks, options = AttentionBlockSizes(64, 64), {"causal", "segments", "softcap"}
+        blocks = AttentionBlockSizes(64, 64)
     case = dict(
         b=2,
         t=33,
@@ -360,15 +363,18 @@ def test_tpu_kernels_lower_with_every_option():
         ((1, 8, 2, 64), (1, 8, 1, 64), jnp.float32, {}, "must be bfloat16 or float16"),
         ((1, 8, 2, 96), (1, 8, 1, 96), jnp.bfloat16, {}, "H=96 must be a multiple of 64"),
         ((1, 8, 3, 64), (1, 8, 1, 64), jnp.bfloat16, {}, "N/K=3 must divide 64"),
-        ((1, 8, 2, 64), (1, 8, 1, 64), jnp.bfloat16, {"bias": True}, "bias and mask arrays"),
+        ((1, 8, 2, 64), (1, 8, 1, 64), jnp.bfloat16, {"bias": True}, "block_kv must be 64"),
     ],
     ids=["f32", "head-size", "group", "bias"],
 )
 def test_mosaic_gpu_kernel_rejects_what_it_cannot_take(q_shape, k_shape, dtype, extra, match):
     q, k = jnp.ones(q_shape, dtype), jnp.ones(k_shape, dtype)
     bias = jnp.zeros((1, q_shape[2], q_shape[1], k_shape[1]), dtype) if extra else None
+    blocks = AttentionBlockSizes(64, 128)
     with interpret_mode(), pytest.raises(ValueError, match=match):
-        dot_product_attention(q, k, k, bias=bias, implementation="pallas_mosaic_gpu")
+        dot_product_attention(
+            q, k, k, bias=bias, implementation="pallas_mosaic_gpu", block_sizes=blocks
+        )
 
 
 def test_mosaic_gpu_kernel_double_buffering_is_race_free():
@@ -377,12 +383,14 @@ def test_mosaic_gpu_kernel_double_buffering_is_race_free():
     q = jax.random.normal(keys[0], (1, 80, 2, 64)).astype(jnp.bfloat16)
     kv = jax.random.normal(keys[1], (1, 300, 1, 64)).astype(jnp.bfloat16)
     segments = (jnp.zeros((1, 80), jnp.int32), jnp.zeros((1, 300), jnp.int32))
+    bias = jax.random.normal(keys[2], (1, 2, 80, 300), jnp.float32)
 
-    def loss(q, k, v):
+    def loss(q, k, v, bias):  # with a bias: the dbias tile in SMEM is reused too
         out = dot_product_attention(
             q,
             k,
             v,
+            bias=bias,
             segment_ids=segments,
             implementation="pallas_mosaic_gpu",
             block_sizes=AttentionBlockSizes(64, 64),
@@ -390,7 +398,7 @@ def test_mosaic_gpu_kernel_double_buffering_is_race_free():
         return jnp.sum(out.astype(jnp.float32))
 
     with interpret_mode(detect_races=True):  # the forward, then the dq and dkv kernels
-        for x in jax.grad(loss, argnums=(0, 1, 2))(q, kv, kv):
+        for x in jax.grad(loss, argnums=(0, 1, 2, 3))(q, kv, kv, bias):
             x.block_until_ready()
             assert not gpu_interpret_races_found()
 
@@ -413,11 +421,15 @@ def test_mosaic_gpu_kernel_lowers_for_cuda():
     seg_kv = jax.ShapeDtypeStruct((2, 1500), jnp.int32)
     lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
 
-    def every_option(q, k, v, sq, skv, ql, kl):
+    bias = jax.ShapeDtypeStruct((1, 4, 1000, 1500), jnp.float32)
+
+    def every_option(q, k, v, bias, sq, skv, ql, kl):
         return dot_product_attention(
             q,
             k,
             v,
+            bias=bias,
+            mask=(sq[:, None, :, None] >= 0),
             is_causal=True,
             local_window_size=(256, 0),
             segment_ids=(sq, skv),
@@ -428,6 +440,7 @@ def test_mosaic_gpu_kernel_lowers_for_cuda():
         )
 
     def grads(*args):
-        return jax.grad(lambda *a: jnp.sum(every_option(*a).astype(jnp.float32)), (0, 1, 2))(*args)
+        loss = lambda *a: jnp.sum(every_option(*a).astype(jnp.float32))
+        return jax.grad(loss, (0, 1, 2, 3))(*args)
 
-    assert_lowers_for_cuda(grads, q, kv, kv, seg_q, seg_kv, lengths, lengths)
+    assert_lowers_for_cuda(grads, q, kv, kv, bias, seg_q, seg_kv, lengths, lengths)

@@ -58,7 +58,7 @@ def dot_product_attention(
       the kernel takes the call, else XLA),
     'xla' (tiled, memory-efficient, with a recomputing backward), 'pallas_tpu'
     (flash attention kernels) or 'pallas_mosaic_gpu' (Hopper flash kernels, forward and
-    backward, bf16/f16, no bias/mask arrays); Pallas kernels run on a CPU in
+    backward, bf16/f16); Pallas kernels run on a CPU in
     ``pallax.kernels.interpret_mode()``.
     block_sizes: query and key/value tile sizes.
     """
@@ -115,7 +115,7 @@ def _attention(query, key, value, bias, mask, aux, *, options, mode):
     if mode.implementation == "pallas_tpu":
         return pallas_tpu_bwd.attention(query, key, value, bias, mask, aux, options)
     if mode.implementation == "pallas_mosaic_gpu":
-        return pallas_mosaic_gpu_bwd.attention(query, key, value, aux, options)
+        return pallas_mosaic_gpu_bwd.attention(query, key, value, bias, mask, aux, options)
     return xla.attention(query, key, value, bias, mask, aux, options)
 
 

@@ -22,14 +22,17 @@ The same kernel runs in JAX's GPU interpreter with the two matmuls computed by
 copies, block ranges, masks and softmax bookkeeping are tested on CPU; the
 wgmma path is verified on a real GPU (tests marked ``gpu``).
 
-Not taken by this kernel (``unsupported_reason``; ``implementation=None`` then
-uses XLA): bias and mask arrays, float32 inputs, head sizes not a multiple of
-64, groups G that do not divide 64.
+Bias and mask arrays are packed like the queries ([B|1, K, T*G, S]: broadcast
+over heads, a copy) and streamed as [64, block_kv] tiles beside K/V; with them
+block_kv must be 64 (SMEM). Not taken by this kernel (``unsupported_reason``;
+``implementation=None`` then uses XLA): float32 inputs, head sizes not a multiple
+of 64, groups G that do not divide 64.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -52,8 +55,8 @@ _LSE_PAD = 1e30  # log-sum-exp of padded rows: exp(s - lse) = 0 in the backward
 def unsupported_reason(q_shape, k_shape, dtype, *, bias, mask, block_kv: int) -> str | None:
     n, h, kh = q_shape[2], q_shape[3], k_shape[2]
     g = n // kh
-    if bias is not None or mask is not None:
-        return "bias and mask arrays are not supported (use segment_ids / lengths / windows)"
+    if (bias is not None or mask is not None) and block_kv != 64:
+        return f"with bias or mask arrays block_kv must be 64 (SMEM), got {block_kv}"
     if jnp.dtype(dtype) not in map(jnp.dtype, (jnp.bfloat16, jnp.float16)):
         return f"dtype {jnp.dtype(dtype)} must be bfloat16 or float16 (wgmma)"
     if h % 64 or h > 256:
@@ -76,6 +79,9 @@ class _Static:
     soft_cap: float | None
     segments: bool
     interpret: bool
+    bias: bool = False
+    mask: bool = False
+    bias_batch: bool = True  # the packed bias/mask have a batch axis (else shared)
 
 
 def _block_range(st: _Static, row0, q_len, kv_len):
@@ -97,13 +103,17 @@ def _block_range(st: _Static, row0, q_len, kv_len):
 def _kernel(st: _Static):
     bk, h, shift = st.bk, st.h, st.g.bit_length() - 1
 
-    def body(lens_gmem, q_gmem, k_gmem, v_gmem, qseg_gmem, kvseg_gmem, out_gmem, lse_gmem):
+    def body(lens_gmem, q_gmem, k_gmem, v_gmem, qseg_gmem, kvseg_gmem, bias_gmem, mask_gmem,
+             out_gmem, lse_gmem):  # fmt: skip
         b = jax.lax.axis_index("b")
         kh = jax.lax.axis_index("k")
         row0 = jax.lax.axis_index("rows") * BLOCK_Q
+        bb = b if st.bias_batch else 0
 
-        def scoped(lens_smem, q_smem, k_smem, v_smem, qseg_smem, kvseg_smem, lse_smem, bars):
-            # bars: 0 lengths, 1 q, 2 q segments; per slot: 3+ K, 5+ V, 7+ kv segments.
+        def scoped(lens_smem, q_smem, k_smem, v_smem, qseg_smem, kvseg_smem, bias_smem, mask_smem,
+                   lse_smem, bars):  # fmt: skip
+            # bars: 0 lengths, 1 q, 2 q segments; per slot: 3+ K, 5+ V, 7+ kv segments,
+            # 9+ bias, 11+ mask.
             plgpu.copy_gmem_to_smem(lens_gmem.at[0], lens_smem, bars.at[0])
             plgpu.copy_gmem_to_smem(q_gmem.at[b, kh, pl.ds(row0, BLOCK_Q)], q_smem, bars.at[1])
             if st.segments:
@@ -126,6 +136,15 @@ def _kernel(st: _Static):
                 if st.segments:
                     plgpu.copy_gmem_to_smem(
                         kvseg_gmem.at[b, rows], kvseg_smem.at[slot], bars.at[7 + slot]
+                    )
+                tile = (bb, kh, pl.ds(row0, BLOCK_Q), rows)
+                if st.bias:
+                    plgpu.copy_gmem_to_smem(
+                        bias_gmem.at[tile], bias_smem.at[slot], bars.at[9 + slot]
+                    )
+                if st.mask:
+                    plgpu.copy_gmem_to_smem(
+                        mask_gmem.at[tile], mask_smem.at[slot], bars.at[11 + slot]
                     )
 
             @pl.when(first <= last)
@@ -154,6 +173,9 @@ def _kernel(st: _Static):
                     shape=(BLOCK_Q, bk),
                 )  # fmt: skip
                 s = s * st.scale
+                if st.bias:
+                    plgpu.barrier_wait(bars.at[9 + slot])
+                    s = s + plgpu.load(bias_smem.at[slot], layout=_WG).astype(jnp.float32)
                 if st.soft_cap is not None:
                     s = st.soft_cap * jnp.tanh(s / st.soft_cap)
                 k_pos = start_of(j) + plgpu.broadcasted_iota(
@@ -168,6 +190,9 @@ def _kernel(st: _Static):
                     st.spec, q_pos, k_pos, q_len=q_len, kv_len=kv_len, q_seg=q_seg, kv_seg=kv_seg
                 )
                 ok = ok & (k_pos >= j * bk)  # rows of a moved-back block seen before
+                if st.mask:
+                    plgpu.barrier_wait(bars.at[11 + slot])
+                    ok = ok & (plgpu.load(mask_smem.at[slot], layout=_WG) != 0)
                 s = jnp.where(ok, s, -jnp.inf)
                 m_new = jnp.maximum(m, jnp.max(s, axis=1))
                 m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -249,6 +274,16 @@ class Packed:
     q_seg: jax.Array  # [B, rows_p] (or a dummy)
     kv_seg: jax.Array  # [B, s_pad] (or a dummy)
     segments: bool
+    bias: jax.Array | None = None  # [B|1, K, rows_p, s_pad]
+    mask: jax.Array | None = None  # [B|1, K, rows_p, s_pad] in q's dtype, 1 = attend
+
+    def tiles(self):
+        """(bias, mask) operands: the packed arrays, or 1-element dummies."""
+        dummy = jnp.zeros((1, 1, 1, 8), jnp.float32)
+        return (
+            dummy if self.bias is None else self.bias,
+            dummy if self.mask is None else self.mask,
+        )
 
 
 def pack_rows(x, kh, rows_p):
@@ -269,7 +304,14 @@ def unpack_rows(x, t, n):
     return jnp.moveaxis(x, 1, 2).reshape(b, t, n, *x.shape[4:])
 
 
-def pack(q, k, v, aux, *, s_multiple: int, s_min: int) -> Packed:
+def pack_logit_array(x, lead, n, t, s, kh, rows_p, s_pad, dtype):
+    """bias / mask [B|1, N|1, T|1, S|1] -> [lead, K, rows_p, s_pad] (zero padded)."""
+    x = jnp.broadcast_to(x, (lead, n, t, s)).astype(dtype)
+    x = pack_rows(jnp.swapaxes(x, 1, 2), kh, rows_p)
+    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, s_pad - s)))
+
+
+def pack(q, k, v, aux, *, s_multiple: int, s_min: int, bias=None, mask=None) -> Packed:
     b, t, n, _ = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
@@ -289,7 +331,15 @@ def pack(q, k, v, aux, *, s_multiple: int, s_min: int) -> Packed:
         kv_seg = jnp.pad(aux[3], ((0, 0), (0, s_pad - s)))
     else:
         q_seg, kv_seg = jnp.zeros((1, BLOCK_Q), jnp.int32), jnp.zeros((1, s_pad), jnp.int32)
-    return Packed(pack_rows(q, kh, rows_p), k, v, lens, q_seg, kv_seg, segments)
+    lead = max(1 if x is None else x.shape[0] for x in (bias, mask))  # B, or 1 if shared
+    logit = functools.partial(
+        pack_logit_array, lead=lead, n=n, t=t, s=s, kh=kh, rows_p=rows_p, s_pad=s_pad
+    )
+    return Packed(
+        pack_rows(q, kh, rows_p), k, v, lens, q_seg, kv_seg, segments,
+        None if bias is None else logit(bias, dtype=jnp.float32),
+        None if mask is None else logit(mask, dtype=q.dtype),
+    )  # fmt: skip
 
 
 def interpret_params(options: xla.Options):
@@ -299,29 +349,33 @@ def interpret_params(options: xla.Options):
     )
 
 
-def forward(q, k, v, aux, options: xla.Options):
+def forward(q, k, v, bias, mask, aux, options: xla.Options):
     """(out [B, T, N, H], lse [B, K, rows_p] f32 per packed row)."""
     b, t, n, h = q.shape
     kh, bk = k.shape[2], options.block_kv
-    pk = pack(q, k, v, aux, s_multiple=8, s_min=bk)
+    pk = pack(q, k, v, aux, s_multiple=8, s_min=bk, bias=bias, mask=mask)
     rows_p = pk.q_rows.shape[2]
+    bias_t, mask_t = pk.tiles()
     st = _Static(
         n // kh, h, pk.k.shape[1], bk, options.spec, options.scale, options.soft_cap,
-        pk.segments, options.interpret is not None,
+        pk.segments, options.interpret is not None, bias is not None, mask is not None,
+        max(bias_t.shape[0], mask_t.shape[0]) > 1,
     )  # fmt: skip
     body = _kernel(st)
 
-    def kernel(lens_gmem, q_gmem, k_gmem, v_gmem, qseg_gmem, kvseg_gmem, out_gmem, lse_gmem):
+    def kernel(*refs):
         pl.run_scoped(
-            body(lens_gmem, q_gmem, k_gmem, v_gmem, qseg_gmem, kvseg_gmem, out_gmem, lse_gmem),
+            body(*refs),
             plgpu.SMEM(pk.lens.shape[1:], jnp.int32),
             smem((BLOCK_Q, h), q.dtype),
             smem((2, bk, h), k.dtype),
             smem((2, bk, h), v.dtype),
             plgpu.SMEM((BLOCK_Q,), jnp.int32),
             plgpu.SMEM((2, bk), jnp.int32),
+            plgpu.SMEM((2, BLOCK_Q, bk) if st.bias else (8,), jnp.float32),
+            plgpu.SMEM((2, BLOCK_Q, bk) if st.mask else (8,), q.dtype),
             plgpu.SMEM((BLOCK_Q,), jnp.float32),
-            plgpu.Barrier(num_barriers=9),
+            plgpu.Barrier(num_barriers=13),
         )
 
     out, lse = plgpu.kernel(
@@ -334,5 +388,5 @@ def forward(q, k, v, aux, options: xla.Options):
         grid_names=("b", "k", "rows"),
         compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=4 * 4 * bk),
         interpret=interpret_params(options),
-    )(pk.lens, pk.q_rows, pk.k, pk.v, pk.q_seg, pk.kv_seg)
+    )(pk.lens, pk.q_rows, pk.k, pk.v, pk.q_seg, pk.kv_seg, bias_t, mask_t)
     return unpack_rows(out, t, n), lse

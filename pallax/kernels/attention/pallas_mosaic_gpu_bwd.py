@@ -45,21 +45,28 @@ class _Static:
     segments: bool
     interpret: bool
     rows_p: int
+    bias: bool = False
+    mask: bool = False
+    bias_batch: bool = True
+    kv_blocks: int = 0
 
 
-def _logits(st, raw):
+def _logits(st, raw, bias=None):
     s = raw * st.scale
+    if bias is not None:
+        s = s + bias
     if st.soft_cap is not None:
         s = st.soft_cap * jnp.tanh(s / st.soft_cap)
     return s
 
 
 def _d_logits(st, p, dp, delta, s):
-    """dL/d(raw q.k) from dL/dP, through the softmax, the soft cap and the scale."""
+    """dL/dz for the logits z = scale * q.k + bias, through the softmax and the soft cap
+    (= dL/dbias; dL/d(q.k) is this times the scale)."""
     ds = p * (dp - delta)
     if st.soft_cap is not None:
         ds = ds * (1.0 - jnp.square(s / st.soft_cap))
-    return ds * st.scale
+    return ds
 
 
 def _query_block_range(st, k0, q_len, kv_len):
@@ -82,12 +89,16 @@ def _query_block_range(st, k0, q_len, kv_len):
 def _dq_kernel(st: _Static, fst: fwd._Static):
     shift = st.g.bit_length() - 1
 
-    def body(lens, q_g, k_g, v_g, do_g, lse_g, delta_g, qseg_g, kvseg_g, dq_g):
+    def body(lens, q_g, k_g, v_g, do_g, lse_g, delta_g, qseg_g, kvseg_g, bias_g, mask_g, _bt,
+             _mt, dq_g, dbias_g):  # fmt: skip
         b, kh = jax.lax.axis_index("b"), jax.lax.axis_index("k")
         row0 = jax.lax.axis_index("rows") * B
+        bb = b if st.bias_batch else 0
 
-        def scoped(lens_s, q_s, do_s, k_s, v_s, lse_s, delta_s, qseg_s, kvseg_s, bars):
-            # bars: 0 lengths, 1 q, 2 do, 3 lse, 4 delta, 5 q seg; per slot 6+ K, 8+ V, 10+ kv seg
+        def scoped(lens_s, q_s, do_s, k_s, v_s, lse_s, delta_s, qseg_s, kvseg_s, bias_s, mask_s,
+                   dbias_s, bars):  # fmt: skip
+            # bars: 0 lengths, 1 q, 2 do, 3 lse, 4 delta, 5 q seg; per slot 6+ K, 8+ V,
+            # 10+ kv seg, 12+ bias, 14+ mask
             rows = pl.ds(row0, B)
             plgpu.copy_gmem_to_smem(lens.at[0], lens_s, bars.at[0])
             plgpu.copy_gmem_to_smem(q_g.at[b, kh, rows], q_s, bars.at[1])
@@ -111,6 +122,11 @@ def _dq_kernel(st: _Static, fst: fwd._Static):
                     plgpu.copy_gmem_to_smem(
                         kvseg_g.at[b, keys], kvseg_s.at[slot], bars.at[10 + slot]
                     )
+                tile = (bb, kh, rows, keys)
+                if st.bias:
+                    plgpu.copy_gmem_to_smem(bias_g.at[tile], bias_s.at[slot], bars.at[12 + slot])
+                if st.mask:
+                    plgpu.copy_gmem_to_smem(mask_g.at[tile], mask_s.at[slot], bars.at[14 + slot])
 
             @pl.when(first <= last)
             def _prefetch():
@@ -135,7 +151,11 @@ def _dq_kernel(st: _Static, fst: fwd._Static):
                 raw = fwd.matmul(
                     st.interpret, q_s, k_s.at[slot], a_in_smem=True, transpose_b=True, shape=(B, B)
                 )
-                s = _logits(st, raw)
+                bias = None
+                if st.bias:
+                    plgpu.barrier_wait(bars.at[12 + slot])
+                    bias = plgpu.load(bias_s.at[slot], layout=_WG).astype(jnp.float32)
+                s = _logits(st, raw, bias)
                 kv_seg = None
                 if st.segments:
                     plgpu.barrier_wait(bars.at[10 + slot])
@@ -145,21 +165,43 @@ def _dq_kernel(st: _Static, fst: fwd._Static):
                     st.spec, q_pos, j * B + iota(1), q_len=q_len, kv_len=kv_len,
                     q_seg=q_seg, kv_seg=kv_seg,
                 )  # fmt: skip
+                if st.mask:
+                    plgpu.barrier_wait(bars.at[14 + slot])
+                    ok = ok & (plgpu.load(mask_s.at[slot], layout=_WG) != 0)
                 p = jnp.where(ok, jnp.exp(s - lse), 0.0)
                 plgpu.barrier_wait(bars.at[8 + slot])
                 dp = fwd.matmul(
                     st.interpret, do_s, v_s.at[slot], a_in_smem=True, transpose_b=True, shape=(B, B)
                 )
-                ds = _d_logits(st, p, dp, delta, s).astype(q_s.dtype)
+                dz = _d_logits(st, p, dp, delta, s)
+                if st.bias:  # the tile's dL/dbias; the previous tile's store must have read
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    dbias_s[...] = dz
+                ds = (dz * st.scale).astype(q_s.dtype)
                 dq = fwd.matmul(st.interpret, ds, k_s.at[slot], a_in_smem=False, acc=dq)
                 plgpu.commit_smem()  # every thread is done with the slot before it refills
+                if st.bias:
+                    plgpu.copy_smem_to_gmem(dbias_s, dbias_g.at[b, kh, rows, pl.ds(j * B, B)])
                 return dq
 
             zeros = plgpu.layout_cast(jnp.zeros((B, st.h), jnp.float32), _WG)
             dq = jax.lax.fori_loop(first, last + 1, step, zeros)
             q_s[...] = dq.astype(q_s.dtype)  # the Q tile becomes the dQ tile
+            if st.bias:  # tiles no query of this block attends to get a zero dbias
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                dbias_s[...] = plgpu.layout_cast(jnp.zeros((B, B), jnp.float32), _WG)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_s, dq_g.at[b, kh, rows])
+            if st.bias:
+
+                def zero_tile(j, carry):
+                    @pl.when((j < first) | (j > last))
+                    def _store():
+                        plgpu.copy_smem_to_gmem(dbias_s, dbias_g.at[b, kh, rows, pl.ds(j * B, B)])
+
+                    return carry
+
+                jax.lax.fori_loop(0, st.kv_blocks, zero_tile, None)
             plgpu.wait_smem_to_gmem(0)
 
         return scoped
@@ -170,13 +212,16 @@ def _dq_kernel(st: _Static, fst: fwd._Static):
 def _dkv_kernel(st: _Static):
     shift = st.g.bit_length() - 1
 
-    def body(lens, q_g, k_g, v_g, do_g, lse_g, delta_g, qseg_g, kvseg_g, dk_g, dv_g):
+    def body(lens, q_g, k_g, v_g, do_g, lse_g, delta_g, qseg_g, kvseg_g, _b, _m, bias_t_g,
+             mask_t_g, dk_g, dv_g):  # fmt: skip
         b, kh = jax.lax.axis_index("b"), jax.lax.axis_index("k")
         k0 = jax.lax.axis_index("keys") * B
+        bb = b if st.bias_batch else 0
 
-        def scoped(lens_s, k_s, v_s, kvseg_s, q_s, do_s, lse_s, delta_s, qseg_s, bars):
+        def scoped(lens_s, k_s, v_s, kvseg_s, q_s, do_s, lse_s, delta_s, qseg_s, bias_s, mask_s,
+                   bars):  # fmt: skip
             # bars: 0 lengths, 1 K, 2 V, 3 kv seg; per slot 4+ q, 6+ do, 8+ lse, 10+ delta,
-            # 12+ q seg
+            # 12+ q seg, 14+ bias^T, 16+ mask^T
             keys = pl.ds(k0, B)
             plgpu.copy_gmem_to_smem(lens.at[0], lens_s, bars.at[0])
             plgpu.copy_gmem_to_smem(k_g.at[b, keys, kh], k_s, bars.at[1])
@@ -200,6 +245,11 @@ def _dkv_kernel(st: _Static):
                 )
                 if st.segments:
                     plgpu.copy_gmem_to_smem(qseg_g.at[b, rows], qseg_s.at[slot], bars.at[12 + slot])
+                tile = (bb, kh, keys, rows)
+                if st.bias:
+                    plgpu.copy_gmem_to_smem(bias_t_g.at[tile], bias_s.at[slot], bars.at[14 + slot])
+                if st.mask:
+                    plgpu.copy_gmem_to_smem(mask_t_g.at[tile], mask_s.at[slot], bars.at[16 + slot])
 
             @pl.when(first <= last)
             def _prefetch():
@@ -224,7 +274,11 @@ def _dkv_kernel(st: _Static):
                 raw_t = fwd.matmul(
                     st.interpret, k_s, q_s.at[slot], a_in_smem=True, transpose_b=True, shape=(B, B)
                 )
-                s_t = _logits(st, raw_t)
+                bias_t = None
+                if st.bias:
+                    plgpu.barrier_wait(bars.at[14 + slot])
+                    bias_t = plgpu.load(bias_s.at[slot], layout=_WG).astype(jnp.float32)
+                s_t = _logits(st, raw_t, bias_t)
                 q_pos = jax.lax.shift_right_logical(i * B + iota(1), shift)
                 q_seg = None
                 if st.segments:
@@ -234,6 +288,9 @@ def _dkv_kernel(st: _Static):
                 ok = allowed(
                     st.spec, q_pos, k_pos, q_len=q_len, kv_len=kv_len, q_seg=q_seg, kv_seg=kv_seg
                 )
+                if st.mask:
+                    plgpu.barrier_wait(bars.at[16 + slot])
+                    ok = ok & (plgpu.load(mask_s.at[slot], layout=_WG) != 0)
                 lse = plgpu.load(lse_s.at[slot], layout=_COL)
                 p_t = jnp.where(ok, jnp.exp(s_t - jax.lax.broadcast_in_dim(lse, (B, B), (1,))), 0.0)
                 dv = fwd.matmul(
@@ -244,7 +301,7 @@ def _dkv_kernel(st: _Static):
                 )
                 delta = plgpu.load(delta_s.at[slot], layout=_COL)
                 delta = jax.lax.broadcast_in_dim(delta, (B, B), (1,))
-                ds_t = _d_logits(st, p_t, dp_t, delta, s_t).astype(k_s.dtype)
+                ds_t = (_d_logits(st, p_t, dp_t, delta, s_t) * st.scale).astype(k_s.dtype)
                 dk = fwd.matmul(st.interpret, ds_t, q_s.at[slot], a_in_smem=False, acc=dk)
                 plgpu.commit_smem()  # every thread is done with the slot before it refills
                 return dk, dv
@@ -263,11 +320,18 @@ def _dkv_kernel(st: _Static):
     return body
 
 
-def backward(q, k, v, aux, out, lse, dout, options: xla.Options):
-    """(dq, dk, dv) from the forward's output and packed-row log-sum-exp."""
+def _dbias_to(dbias_rows, bias, t, s, n):
+    """[B, K, rows_p, s_pad] f32 -> bias's shape, summed over its broadcast axes."""
+    d = jnp.swapaxes(fwd.unpack_rows(dbias_rows[..., :s], t, n), 1, 2)  # [B, N, T, S]
+    axes = tuple(ax for ax in range(4) if bias.shape[ax] == 1)
+    return jnp.sum(d, axis=axes, keepdims=True).astype(bias.dtype)
+
+
+def backward(q, k, v, bias, mask, aux, out, lse, dout, options: xla.Options):
+    """(dq, dk, dv, dbias) from the forward's output and packed-row log-sum-exp."""
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
-    pk = fwd.pack(q, k, v, aux, s_multiple=B, s_min=B)
+    pk = fwd.pack(q, k, v, aux, s_multiple=B, s_min=B, bias=bias, mask=mask)
     rows_p, s_pad = pk.q_rows.shape[2], pk.k.shape[1]
     do_rows = fwd.pack_rows(dout, kh, rows_p)
     delta = jnp.einsum(
@@ -275,17 +339,26 @@ def backward(q, k, v, aux, out, lse, dout, options: xla.Options):
         do_rows.astype(jnp.float32),
         fwd.pack_rows(out, kh, rows_p).astype(jnp.float32),
         preferred_element_type=jnp.float32,
-    )  # fmt: skip
+    )
+    bias_p, mask_p = pk.tiles()
+    transposed = lambda x: jnp.swapaxes(x, 2, 3)  # [.., rows_p, s_pad] -> [.., s_pad, rows_p]
     st = _Static(
         n // kh, h, options.spec, options.scale, options.soft_cap, pk.segments,
-        options.interpret is not None, rows_p,
+        options.interpret is not None, rows_p, bias is not None, mask is not None,
+        max(bias_p.shape[0], mask_p.shape[0]) > 1, s_pad // B,
     )  # fmt: skip
     fst = fwd._Static(
         st.g, h, s_pad, B, options.spec, options.scale, options.soft_cap, pk.segments,
         st.interpret,
     )  # fmt: skip
-    operands = (pk.lens, pk.q_rows, pk.k, pk.v, do_rows, lse, delta, pk.q_seg, pk.kv_seg)
+    operands = (
+        pk.lens, pk.q_rows, pk.k, pk.v, do_rows, lse, delta, pk.q_seg, pk.kv_seg,
+        bias_p, mask_p,
+        transposed(bias_p) if st.bias else bias_p,
+        transposed(mask_p) if st.mask else mask_p,
+    )  # fmt: skip
     lens_smem = plgpu.SMEM(pk.lens.shape[1:], jnp.int32)
+    tiles = lambda on, dtype: plgpu.SMEM((2, B, B) if on else (8,), dtype)
     params = dict(
         compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=4 * 4 * B),
         interpret=fwd.interpret_params(options),
@@ -304,12 +377,19 @@ def backward(q, k, v, aux, out, lse, dout, options: xla.Options):
             plgpu.SMEM((B,), jnp.float32),
             plgpu.SMEM((B,), jnp.int32),
             plgpu.SMEM((2, B), jnp.int32),
-            plgpu.Barrier(num_barriers=12),
+            tiles(st.bias, jnp.float32),
+            tiles(st.mask, q.dtype),
+            plgpu.SMEM((B, B) if st.bias else (8,), jnp.float32),
+            plgpu.Barrier(num_barriers=16),
         )
 
-    dq = plgpu.kernel(
+    dbias_shape = (b, kh, rows_p, s_pad) if st.bias else (1, 1, 1, 8)
+    dq, dbias = plgpu.kernel(
         dq_kernel,
-        out_type=jax.ShapeDtypeStruct((b, kh, rows_p, h), q.dtype),
+        out_type=(
+            jax.ShapeDtypeStruct((b, kh, rows_p, h), q.dtype),
+            jax.ShapeDtypeStruct(dbias_shape, jnp.float32),
+        ),
         grid=(b, kh, rows_p // B),
         grid_names=("b", "k", "rows"),
         **params,
@@ -328,7 +408,9 @@ def backward(q, k, v, aux, out, lse, dout, options: xla.Options):
             plgpu.SMEM((2, B), jnp.float32),
             plgpu.SMEM((2, B), jnp.float32),
             plgpu.SMEM((2, B), jnp.int32),
-            plgpu.Barrier(num_barriers=14),
+            tiles(st.bias, jnp.float32),
+            tiles(st.mask, q.dtype),
+            plgpu.Barrier(num_barriers=18),
         )
 
     dk, dv = plgpu.kernel(
@@ -342,23 +424,26 @@ def backward(q, k, v, aux, out, lse, dout, options: xla.Options):
         **params,
     )(*operands)
     unkv = lambda x: jnp.moveaxis(x, 1, 2)[:, :s]
-    return fwd.unpack_rows(dq, t, n), unkv(dk), unkv(dv)
+    dbias = None if bias is None else _dbias_to(dbias, bias, t, s, n)
+    return fwd.unpack_rows(dq, t, n), unkv(dk), unkv(dv), dbias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def attention(q, k, v, aux, options: xla.Options):
-    return fwd.forward(q, k, v, aux, options)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def attention(q, k, v, bias, mask, aux, options: xla.Options):
+    """q [B,T,N,H], k/v [B,S,K,H]; bias/mask [B|1, N|1, T|1, S|1] or None;
+    aux = (q_len, kv_len, q_seg, kv_seg), as for the other backends."""
+    return fwd.forward(q, k, v, bias, mask, aux, options)[0]
 
 
-def _fwd(q, k, v, aux, options):
-    out, lse = fwd.forward(q, k, v, aux, options)
-    return out, (q, k, v, aux, out, lse)
+def _fwd(q, k, v, bias, mask, aux, options):
+    out, lse = fwd.forward(q, k, v, bias, mask, aux, options)
+    return out, (q, k, v, bias, mask, aux, out, lse)
 
 
 def _bwd(options, residuals, dout):
-    q, k, v, aux, out, lse = residuals
-    dq, dk, dv = backward(q, k, v, aux, out, lse, dout, options)
-    return dq, dk, dv, None
+    q, k, v, bias, mask, aux, out, lse = residuals
+    dq, dk, dv, dbias = backward(q, k, v, bias, mask, aux, out, lse, dout, options)
+    return dq, dk, dv, dbias, None, None
 
 
 attention.defvjp(_fwd, _bwd)
