@@ -50,7 +50,7 @@ def test_compiled_forward_and_gradients(b, t, s, n, k, h, causal, block_kv):
         assert_allclose(got, want, reduction_length=s * h * t * n)
 
 
-def test_compiled_with_every_option():
+def test_compiled_with_every_option_and_gradients():
     b, t, s, n, k, h = 2, 700, 900, 8, 2, 128
     q, kk, v, _ = _inputs(b, t, s, n, k, h, seed=1)
     keys = jax.random.split(jax.random.key(2), 2)
@@ -65,6 +65,18 @@ def test_compiled_with_every_option():
         query_seq_lengths=jnp.array([700, 333]),
         key_value_seq_lengths=jnp.array([900, 512]),
     )
-    out = dot_product_attention(q, kk, v, implementation="pallas_mosaic_gpu", **kwargs)
-    ref = attention_reference(q, kk, v, **kwargs)
+    bias = jax.random.normal(keys[0], (1, n, t, s), jnp.float32)
+    kwargs["mask"] = jax.random.bernoulli(keys[1], 0.9, (b, 1, t, s))
+    ct = jax.random.normal(keys[1], q.shape, jnp.float32).astype(q.dtype)
+
+    def run(fn):
+        out, vjp = jax.vjp(lambda q, k, v, bias: fn(q, k, v, bias=bias, **kwargs), q, kk, v, bias)
+        return out, vjp(ct)
+
+    out, grads = run(
+        lambda *a, **kw: dot_product_attention(*a, implementation="pallas_mosaic_gpu", **kw)
+    )
+    ref, ref_grads = run(attention_reference)
     assert_allclose(out, ref, reduction_length=s * h)
+    for got, want in zip(grads, ref_grads, strict=True):  # dq, dk, dv, dbias
+        assert_allclose(got, want, reduction_length=s * h * t * n)
