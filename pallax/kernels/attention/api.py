@@ -9,12 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from pallax.kernels import _dispatch
-from pallax.kernels.attention import (
-    pallas_mosaic_gpu,
-    pallas_mosaic_gpu_bwd,
-    pallas_tpu_bwd,
-    xla,
-)
+from pallax.kernels.attention import pallas_mosaic_gpu, pallas_tpu_bwd, xla
 from pallax.kernels.attention.config import AttentionBlockSizes, default_block_sizes
 from pallax.kernels.attention.masks import MaskSpec, normalize_window
 
@@ -115,7 +110,7 @@ def _attention(query, key, value, bias, mask, aux, *, options, mode):
     if mode.implementation == "pallas_tpu":
         return pallas_tpu_bwd.attention(query, key, value, bias, mask, aux, options)
     if mode.implementation == "pallas_mosaic_gpu":
-        return pallas_mosaic_gpu_bwd.attention(query, key, value, bias, mask, aux, options)
+        return pallas_mosaic_gpu.attention(query, key, value, bias, mask, aux, options)
     return xla.attention(query, key, value, bias, mask, aux, options)
 
 

@@ -31,7 +31,6 @@ of 64, groups G that do not divide 64.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -39,17 +38,23 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallax.kernels._mgpu import lookup, tma_table
-from pallax.kernels.attention import xla
-from pallax.kernels.attention.masks import MaskSpec, allowed
-
-BLOCK_Q = 64  # rows per CTA: one warpgroup's WGMMA tile
-_WG = plgpu.Layout.WGMMA
-_ROW = plgpu.Layout.WGMMA.reduce(1)
-_COL = plgpu.Layout.WGMMA.reduce(0)
-_NT = (((1,), (1,)), ((), ()))
-_NN = (((1,), (0,)), ((), ()))
-_LSE_PAD = 1e30  # log-sum-exp of padded rows: exp(s - lse) = 0 in the backward
+from pallax.kernels._mgpu import lookup
+from pallax.kernels.attention import pallas_mosaic_gpu_bwd, xla
+from pallax.kernels.attention._mgpu_tiles import (
+    BLOCK_Q,
+    COL,
+    LSE_PAD,
+    ROW,
+    WG,
+    Static,
+    interpret_params,
+    kv_block_range,
+    matmul,
+    pack,
+    smem,
+    unpack_rows,
+)
+from pallax.kernels.attention.masks import allowed
 
 
 def unsupported_reason(q_shape, k_shape, dtype, *, bias, mask, block_kv: int) -> str | None:
@@ -68,39 +73,7 @@ def unsupported_reason(q_shape, k_shape, dtype, *, bias, mask, block_kv: int) ->
     return None
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    g: int
-    h: int
-    s: int  # cache length after padding to >= block_kv
-    bk: int
-    spec: MaskSpec
-    scale: float
-    soft_cap: float | None
-    segments: bool
-    interpret: bool
-    bias: bool = False
-    mask: bool = False
-    bias_batch: bool = True  # the packed bias/mask have a batch axis (else shared)
-
-
-def _block_range(st: _Static, row0, q_len, kv_len):
-    """First and last K/V block (inclusive) that rows [row0, row0 + 64) attend to."""
-    shift = st.g.bit_length() - 1
-    pos_lo, pos_hi = row0 >> shift, (row0 + BLOCK_Q - 1) >> shift
-    last_pos = kv_len - 1
-    if st.spec.causal:
-        last_pos = jnp.minimum(last_pos, pos_hi)
-    first = jnp.int32(0)
-    if st.spec.window is not None:
-        left, right = st.spec.window
-        last_pos = jnp.minimum(last_pos, pos_hi + right)
-        first = jax.lax.div(jnp.maximum(pos_lo - left, 0), st.bk)
-    last = jnp.where((last_pos < 0) | (pos_lo >= q_len), -1, jax.lax.div(last_pos, st.bk))
-    return first, last
-
-
-def _kernel(st: _Static):
+def _kernel(st: Static):
     bk, h, shift = st.bk, st.h, st.g.bit_length() - 1
 
     def body(lens_gmem, q_gmem, k_gmem, v_gmem, qseg_gmem, kvseg_gmem, bias_gmem, mask_gmem,
@@ -124,7 +97,7 @@ def _kernel(st: _Static):
             plgpu.barrier_wait(bars.at[0])
             plgpu.barrier_wait(bars.at[1])
             q_len, kv_len = lookup(lens_smem, 2 * b), lookup(lens_smem, 2 * b + 1)
-            first, last = _block_range(st, row0, q_len, kv_len)
+            first, last = kv_block_range(st, row0, q_len, kv_len)
 
             def start_of(j):  # the last block is moved back to end at S (masked below)
                 return jnp.minimum(j * bk, st.s - bk)
@@ -152,11 +125,11 @@ def _kernel(st: _Static):
                 issue(first, 0)
 
             q_pos = jax.lax.shift_right_logical(
-                row0 + plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, bk), 0, layout=_WG), shift
+                row0 + plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, bk), 0, layout=WG), shift
             )
             q_seg = None
             if st.segments:
-                q_seg_rows = plgpu.load(qseg_smem, layout=_ROW)
+                q_seg_rows = plgpu.load(qseg_smem, layout=ROW)
                 q_seg = jax.lax.broadcast_in_dim(q_seg_rows, (BLOCK_Q, bk), (0,))
 
             def step(j, carry):
@@ -175,16 +148,14 @@ def _kernel(st: _Static):
                 s = s * st.scale
                 if st.bias:
                     plgpu.barrier_wait(bars.at[9 + slot])
-                    s = s + plgpu.load(bias_smem.at[slot], layout=_WG).astype(jnp.float32)
+                    s = s + plgpu.load(bias_smem.at[slot], layout=WG).astype(jnp.float32)
                 if st.soft_cap is not None:
                     s = st.soft_cap * jnp.tanh(s / st.soft_cap)
-                k_pos = start_of(j) + plgpu.broadcasted_iota(
-                    jnp.int32, (BLOCK_Q, bk), 1, layout=_WG
-                )
+                k_pos = start_of(j) + plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, bk), 1, layout=WG)
                 kv_seg = None
                 if st.segments:
                     plgpu.barrier_wait(bars.at[7 + slot])
-                    kv_seg_cols = plgpu.load(kvseg_smem.at[slot], layout=_COL)
+                    kv_seg_cols = plgpu.load(kvseg_smem.at[slot], layout=COL)
                     kv_seg = jax.lax.broadcast_in_dim(kv_seg_cols, (BLOCK_Q, bk), (1,))
                 ok = allowed(
                     st.spec, q_pos, k_pos, q_len=q_len, kv_len=kv_len, q_seg=q_seg, kv_seg=kv_seg
@@ -192,7 +163,7 @@ def _kernel(st: _Static):
                 ok = ok & (k_pos >= j * bk)  # rows of a moved-back block seen before
                 if st.mask:
                     plgpu.barrier_wait(bars.at[11 + slot])
-                    ok = ok & (plgpu.load(mask_smem.at[slot], layout=_WG) != 0)
+                    ok = ok & (plgpu.load(mask_smem.at[slot], layout=WG) != 0)
                 s = jnp.where(ok, s, -jnp.inf)
                 m_new = jnp.maximum(m, jnp.max(s, axis=1))
                 m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -207,16 +178,16 @@ def _kernel(st: _Static):
                 return acc, m_new, denom
 
             init = (
-                plgpu.layout_cast(jnp.zeros((BLOCK_Q, h), jnp.float32), _WG),
-                plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), _ROW),
-                plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32), _ROW),
+                plgpu.layout_cast(jnp.zeros((BLOCK_Q, h), jnp.float32), WG),
+                plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), ROW),
+                plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32), ROW),
             )
             acc, m, denom = jax.lax.fori_loop(first, last + 1, step, init)
             live = denom > 0
             inv = jnp.where(live, 1.0 / jnp.where(live, denom, 1.0), 0.0)
             out = acc * jax.lax.broadcast_in_dim(inv, acc.shape, (0,))
             q_smem[...] = out.astype(q_smem.dtype)  # the Q tile becomes the output tile
-            lse_smem[...] = jnp.where(live, m + jnp.log(jnp.where(live, denom, 1.0)), _LSE_PAD)
+            lse_smem[...] = jnp.where(live, m + jnp.log(jnp.where(live, denom, 1.0)), LSE_PAD)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem, out_gmem.at[b, kh, pl.ds(row0, BLOCK_Q)])
             plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[b, kh, pl.ds(row0, BLOCK_Q)])
@@ -227,128 +198,6 @@ def _kernel(st: _Static):
     return body
 
 
-def matmul(interpret: bool, a, b, *, a_in_smem: bool, transpose_b=False, acc=None, shape=None):
-    """``acc + a @ op(b)`` in f32: ``b`` an SMEM ref (``op`` = transpose when asked), ``a``
-    an SMEM ref or a bf16/f16 register array in the WGMMA layout; ``shape`` of the
-    product when there is no ``acc``. On hardware: wgmma. In the GPU interpreter
-    (which has no wgmma): dot_general on the loaded tiles."""
-    if interpret:
-        a_val = plgpu.load(a, layout=_WG) if a_in_smem else a
-        b_val = plgpu.load(b, layout=_WG)
-        product = jax.lax.dot_general(
-            a_val, b_val, _NT if transpose_b else _NN, preferred_element_type=jnp.float32
-        )
-        return product if acc is None else acc + product
-    b_op = b.transpose((1, 0)) if transpose_b else b
-    if acc is None:
-
-        def fresh(acc_ref):
-            plgpu.wgmma(acc_ref, a, b_op)
-            return acc_ref[...]
-
-        return pl.run_scoped(fresh, plgpu.ACC(shape, jnp.float32))
-
-    def accumulate(acc_ref):
-        plgpu.wgmma(acc_ref, a, b_op)
-
-    return pl.run_state(accumulate)(plgpu.ACC.init(acc))
-
-
-def smem(shape, dtype):
-    swizzle = 128  # bytes: rows of 64 bf16/f16 elements
-    transforms = (
-        plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
-        plgpu.SwizzleTransform(swizzle),
-    )
-    return plgpu.SMEM(shape, dtype, transforms=transforms)
-
-
-@dataclasses.dataclass(frozen=True)
-class Packed:
-    """The kernels' operands: query heads of a group packed into rows, K/V padded."""
-
-    q_rows: jax.Array  # [B, K, rows_p, H], row = t * G + g
-    k: jax.Array  # [B, s_pad, K, H]
-    v: jax.Array
-    lens: jax.Array  # tma_table of (q_len, kv_len) per sequence
-    q_seg: jax.Array  # [B, rows_p] (or a dummy)
-    kv_seg: jax.Array  # [B, s_pad] (or a dummy)
-    segments: bool
-    bias: jax.Array | None = None  # [B|1, K, rows_p, s_pad]
-    mask: jax.Array | None = None  # [B|1, K, rows_p, s_pad] in q's dtype, 1 = attend
-
-    def tiles(self):
-        """(bias, mask) operands: the packed arrays, or 1-element dummies."""
-        dummy = jnp.zeros((1, 1, 1, 8), jnp.float32)
-        return (
-            dummy if self.bias is None else self.bias,
-            dummy if self.mask is None else self.mask,
-        )
-
-
-def pack_rows(x, kh, rows_p):
-    """[B, T, N, ...] -> [B, K, rows_p, ...] (zero rows appended)."""
-    b, t, n = x.shape[:3]
-    g = n // kh
-    x = x.reshape(b, t, kh, g, *x.shape[3:])
-    x = jnp.moveaxis(x, 2, 1).reshape(b, kh, t * g, *x.shape[4:])
-    pad = [(0, 0)] * x.ndim
-    pad[2] = (0, rows_p - t * g)
-    return jnp.pad(x, pad)
-
-
-def unpack_rows(x, t, n):
-    """[B, K, rows_p, ...] -> [B, T, N, ...]."""
-    b, kh = x.shape[:2]
-    x = x[:, :, : t * (n // kh)].reshape(b, kh, t, n // kh, *x.shape[3:])
-    return jnp.moveaxis(x, 1, 2).reshape(b, t, n, *x.shape[4:])
-
-
-def pack_logit_array(x, lead, n, t, s, kh, rows_p, s_pad, dtype):
-    """bias / mask [B|1, N|1, T|1, S|1] -> [lead, K, rows_p, s_pad] (zero padded)."""
-    x = jnp.broadcast_to(x, (lead, n, t, s)).astype(dtype)
-    x = pack_rows(jnp.swapaxes(x, 1, 2), kh, rows_p)
-    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, s_pad - s)))
-
-
-def pack(q, k, v, aux, *, s_multiple: int, s_min: int, bias=None, mask=None) -> Packed:
-    b, t, n, _ = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    g = n // kh
-    # TMA into 8-row SMEM tiles needs S % 8 == 0 and one block must fit: pad (a copy
-    # of K/V only for such S); the padded rows are masked by the lengths.
-    s_pad = max(s_min, -(-s // s_multiple) * s_multiple)
-    if s_pad != s:
-        pad = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
-        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
-    rows_p = -(-t * g // BLOCK_Q) * BLOCK_Q
-    q_len = jnp.full((b,), t, jnp.int32) if aux[0] is None else jnp.clip(aux[0], 0, t)
-    kv_len = jnp.full((b,), s, jnp.int32) if aux[1] is None else jnp.clip(aux[1], 0, s)
-    lens = tma_table(jnp.stack([q_len, kv_len], axis=1).reshape(1, 2 * b))
-    segments = aux[2] is not None
-    if segments:
-        q_seg = jnp.pad(jnp.repeat(aux[2], g, axis=1), ((0, 0), (0, rows_p - t * g)))
-        kv_seg = jnp.pad(aux[3], ((0, 0), (0, s_pad - s)))
-    else:
-        q_seg, kv_seg = jnp.zeros((1, BLOCK_Q), jnp.int32), jnp.zeros((1, s_pad), jnp.int32)
-    lead = max(1 if x is None else x.shape[0] for x in (bias, mask))  # B, or 1 if shared
-    logit = functools.partial(
-        pack_logit_array, lead=lead, n=n, t=t, s=s, kh=kh, rows_p=rows_p, s_pad=s_pad
-    )
-    return Packed(
-        pack_rows(q, kh, rows_p), k, v, lens, q_seg, kv_seg, segments,
-        None if bias is None else logit(bias, dtype=jnp.float32),
-        None if mask is None else logit(mask, dtype=q.dtype),
-    )  # fmt: skip
-
-
-def interpret_params(options: xla.Options):
-    interpret = options.interpret
-    return (
-        None if interpret is None else plgpu.InterpretGPUParams(detect_races=interpret.detect_races)
-    )
-
-
 def forward(q, k, v, bias, mask, aux, options: xla.Options):
     """(out [B, T, N, H], lse [B, K, rows_p] f32 per packed row)."""
     b, t, n, h = q.shape
@@ -356,7 +205,7 @@ def forward(q, k, v, bias, mask, aux, options: xla.Options):
     pk = pack(q, k, v, aux, s_multiple=8, s_min=bk, bias=bias, mask=mask)
     rows_p = pk.q_rows.shape[2]
     bias_t, mask_t = pk.tiles()
-    st = _Static(
+    st = Static(
         n // kh, h, pk.k.shape[1], bk, options.spec, options.scale, options.soft_cap,
         pk.segments, options.interpret is not None, bias is not None, mask is not None,
         max(bias_t.shape[0], mask_t.shape[0]) > 1,
@@ -390,3 +239,26 @@ def forward(q, k, v, bias, mask, aux, options: xla.Options):
         interpret=interpret_params(options),
     )(pk.lens, pk.q_rows, pk.k, pk.v, pk.q_seg, pk.kv_seg, bias_t, mask_t)
     return unpack_rows(out, t, n), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def attention(q, k, v, bias, mask, aux, options: xla.Options):
+    """q [B,T,N,H], k/v [B,S,K,H]; bias/mask [B|1, N|1, T|1, S|1] or None;
+    aux = (q_len, kv_len, q_seg, kv_seg), as for the other backends."""
+    return forward(q, k, v, bias, mask, aux, options)[0]
+
+
+def _fwd(q, k, v, bias, mask, aux, options):
+    out, lse = forward(q, k, v, bias, mask, aux, options)
+    return out, (q, k, v, bias, mask, aux, out, lse)
+
+
+def _bwd(options, residuals, dout):
+    q, k, v, bias, mask, aux, out, lse = residuals
+    dq, dk, dv, dbias = pallas_mosaic_gpu_bwd.backward(
+        q, k, v, bias, mask, aux, out, lse, dout, options
+    )
+    return dq, dk, dv, dbias, None, None
+
+
+attention.defvjp(_fwd, _bwd)

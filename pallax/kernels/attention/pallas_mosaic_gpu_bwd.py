@@ -1,4 +1,5 @@
-"""Flash attention backward as Mosaic GPU (Hopper) kernels, and the custom VJP.
+"""Flash attention backward as Mosaic GPU (Hopper) kernels (the custom VJP is in
+``pallas_mosaic_gpu.py``).
 
 Both kernels recompute the probabilities of a tile from the forward's per-row
 log-sum-exp, with delta = rowsum(dO * O) computed by XLA beforehand:
@@ -18,7 +19,6 @@ double-buffered through TMA, as in the forward. K/V are padded to a multiple of
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -27,66 +27,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallax.kernels._mgpu import lookup
-from pallax.kernels.attention import pallas_mosaic_gpu as fwd
+from pallax.kernels.attention import _mgpu_tiles as tiles
 from pallax.kernels.attention import xla
 from pallax.kernels.attention.masks import allowed
 
-B = fwd.BLOCK_Q  # 64: rows of every tile (query rows and key rows)
-_WG, _ROW, _COL = fwd._WG, fwd._ROW, fwd._COL
+B = tiles.BLOCK_Q  # 64: rows of every tile (query rows and key rows)
+_WG, _ROW, _COL = tiles.WG, tiles.ROW, tiles.COL
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    g: int
-    h: int
-    spec: object
-    scale: float
-    soft_cap: float | None
-    segments: bool
-    interpret: bool
-    rows_p: int
-    bias: bool = False
-    mask: bool = False
-    bias_batch: bool = True
-    kv_blocks: int = 0
-
-
-def _logits(st, raw, bias=None):
-    s = raw * st.scale
-    if bias is not None:
-        s = s + bias
-    if st.soft_cap is not None:
-        s = st.soft_cap * jnp.tanh(s / st.soft_cap)
-    return s
-
-
-def _d_logits(st, p, dp, delta, s):
-    """dL/dz for the logits z = scale * q.k + bias, through the softmax and the soft cap
-    (= dL/dbias; dL/d(q.k) is this times the scale)."""
-    ds = p * (dp - delta)
-    if st.soft_cap is not None:
-        ds = ds * (1.0 - jnp.square(s / st.soft_cap))
-    return ds
-
-
-def _query_block_range(st, k0, q_len, kv_len):
-    """First and last 64-row query block whose rows attend to keys [k0, k0 + 64)."""
-    lowest = jnp.int32(0)  # the lowest query position that sees one of the keys
-    if st.spec.causal:
-        lowest = k0
-    if st.spec.window is not None:
-        left, right = st.spec.window
-        lowest = jnp.maximum(lowest, k0 - right)
-        highest = jnp.minimum(q_len - 1, k0 + B - 1 + left)
-    else:
-        highest = q_len - 1
-    first = jax.lax.div(jnp.maximum(lowest, 0) * st.g, B)
-    last = jax.lax.div((highest + 1) * st.g - 1, B)
-    last = jnp.where((k0 >= kv_len) | (highest < 0), -1, jnp.minimum(last, st.rows_p // B - 1))
-    return first, last
-
-
-def _dq_kernel(st: _Static, fst: fwd._Static):
+def _dq_kernel(st: tiles.BwdStatic, fst: tiles.Static):
     shift = st.g.bit_length() - 1
 
     def body(lens, q_g, k_g, v_g, do_g, lse_g, delta_g, qseg_g, kvseg_g, bias_g, mask_g, _bt,
@@ -112,7 +61,7 @@ def _dq_kernel(st: _Static, fst: fwd._Static):
             for i in range(waits):
                 plgpu.barrier_wait(bars.at[i])
             q_len, kv_len = lookup(lens_s, 2 * b), lookup(lens_s, 2 * b + 1)
-            first, last = fwd._block_range(fst, row0, q_len, kv_len)
+            first, last = tiles.kv_block_range(fst, row0, q_len, kv_len)
 
             def issue(j, slot):
                 keys = pl.ds(j * B, B)
@@ -148,14 +97,14 @@ def _dq_kernel(st: _Static, fst: fwd._Static):
                     issue(j + 1, 1 - slot)
 
                 plgpu.barrier_wait(bars.at[6 + slot])
-                raw = fwd.matmul(
+                raw = tiles.matmul(
                     st.interpret, q_s, k_s.at[slot], a_in_smem=True, transpose_b=True, shape=(B, B)
                 )
                 bias = None
                 if st.bias:
                     plgpu.barrier_wait(bars.at[12 + slot])
                     bias = plgpu.load(bias_s.at[slot], layout=_WG).astype(jnp.float32)
-                s = _logits(st, raw, bias)
+                s = tiles.logits(st, raw, bias)
                 kv_seg = None
                 if st.segments:
                     plgpu.barrier_wait(bars.at[10 + slot])
@@ -170,15 +119,15 @@ def _dq_kernel(st: _Static, fst: fwd._Static):
                     ok = ok & (plgpu.load(mask_s.at[slot], layout=_WG) != 0)
                 p = jnp.where(ok, jnp.exp(s - lse), 0.0)
                 plgpu.barrier_wait(bars.at[8 + slot])
-                dp = fwd.matmul(
+                dp = tiles.matmul(
                     st.interpret, do_s, v_s.at[slot], a_in_smem=True, transpose_b=True, shape=(B, B)
                 )
-                dz = _d_logits(st, p, dp, delta, s)
+                dz = tiles.d_logits(st, p, dp, delta, s)
                 if st.bias:  # the tile's dL/dbias; the previous tile's store must have read
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     dbias_s[...] = dz
                 ds = (dz * st.scale).astype(q_s.dtype)
-                dq = fwd.matmul(st.interpret, ds, k_s.at[slot], a_in_smem=False, acc=dq)
+                dq = tiles.matmul(st.interpret, ds, k_s.at[slot], a_in_smem=False, acc=dq)
                 plgpu.commit_smem()  # every thread is done with the slot before it refills
                 if st.bias:
                     plgpu.copy_smem_to_gmem(dbias_s, dbias_g.at[b, kh, rows, pl.ds(j * B, B)])
@@ -209,7 +158,7 @@ def _dq_kernel(st: _Static, fst: fwd._Static):
     return body
 
 
-def _dkv_kernel(st: _Static):
+def _dkv_kernel(st: tiles.BwdStatic):
     shift = st.g.bit_length() - 1
 
     def body(lens, q_g, k_g, v_g, do_g, lse_g, delta_g, qseg_g, kvseg_g, _b, _m, bias_t_g,
@@ -233,7 +182,7 @@ def _dkv_kernel(st: _Static):
             for i in range(waits):
                 plgpu.barrier_wait(bars.at[i])
             q_len, kv_len = lookup(lens_s, 2 * b), lookup(lens_s, 2 * b + 1)
-            first, last = _query_block_range(st, k0, q_len, kv_len)
+            first, last = tiles.q_block_range(st, k0, q_len, kv_len)
 
             def issue(i, slot):
                 rows = pl.ds(i * B, B)
@@ -271,14 +220,14 @@ def _dkv_kernel(st: _Static):
 
                 for base in (4, 6, 8, 10):
                     plgpu.barrier_wait(bars.at[base + slot])
-                raw_t = fwd.matmul(
+                raw_t = tiles.matmul(
                     st.interpret, k_s, q_s.at[slot], a_in_smem=True, transpose_b=True, shape=(B, B)
                 )
                 bias_t = None
                 if st.bias:
                     plgpu.barrier_wait(bars.at[14 + slot])
                     bias_t = plgpu.load(bias_s.at[slot], layout=_WG).astype(jnp.float32)
-                s_t = _logits(st, raw_t, bias_t)
+                s_t = tiles.logits(st, raw_t, bias_t)
                 q_pos = jax.lax.shift_right_logical(i * B + iota(1), shift)
                 q_seg = None
                 if st.segments:
@@ -293,16 +242,16 @@ def _dkv_kernel(st: _Static):
                     ok = ok & (plgpu.load(mask_s.at[slot], layout=_WG) != 0)
                 lse = plgpu.load(lse_s.at[slot], layout=_COL)
                 p_t = jnp.where(ok, jnp.exp(s_t - jax.lax.broadcast_in_dim(lse, (B, B), (1,))), 0.0)
-                dv = fwd.matmul(
+                dv = tiles.matmul(
                     st.interpret, p_t.astype(k_s.dtype), do_s.at[slot], a_in_smem=False, acc=dv
                 )
-                dp_t = fwd.matmul(
+                dp_t = tiles.matmul(
                     st.interpret, v_s, do_s.at[slot], a_in_smem=True, transpose_b=True, shape=(B, B)
                 )
                 delta = plgpu.load(delta_s.at[slot], layout=_COL)
                 delta = jax.lax.broadcast_in_dim(delta, (B, B), (1,))
-                ds_t = (_d_logits(st, p_t, dp_t, delta, s_t) * st.scale).astype(k_s.dtype)
-                dk = fwd.matmul(st.interpret, ds_t, q_s.at[slot], a_in_smem=False, acc=dk)
+                ds_t = (tiles.d_logits(st, p_t, dp_t, delta, s_t) * st.scale).astype(k_s.dtype)
+                dk = tiles.matmul(st.interpret, ds_t, q_s.at[slot], a_in_smem=False, acc=dk)
                 plgpu.commit_smem()  # every thread is done with the slot before it refills
                 return dk, dv
 
@@ -322,7 +271,7 @@ def _dkv_kernel(st: _Static):
 
 def _dbias_to(dbias_rows, bias, t, s, n):
     """[B, K, rows_p, s_pad] f32 -> bias's shape, summed over its broadcast axes."""
-    d = jnp.swapaxes(fwd.unpack_rows(dbias_rows[..., :s], t, n), 1, 2)  # [B, N, T, S]
+    d = jnp.swapaxes(tiles.unpack_rows(dbias_rows[..., :s], t, n), 1, 2)  # [B, N, T, S]
     axes = tuple(ax for ax in range(4) if bias.shape[ax] == 1)
     return jnp.sum(d, axis=axes, keepdims=True).astype(bias.dtype)
 
@@ -331,23 +280,23 @@ def backward(q, k, v, bias, mask, aux, out, lse, dout, options: xla.Options):
     """(dq, dk, dv, dbias) from the forward's output and packed-row log-sum-exp."""
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
-    pk = fwd.pack(q, k, v, aux, s_multiple=B, s_min=B, bias=bias, mask=mask)
+    pk = tiles.pack(q, k, v, aux, s_multiple=B, s_min=B, bias=bias, mask=mask)
     rows_p, s_pad = pk.q_rows.shape[2], pk.k.shape[1]
-    do_rows = fwd.pack_rows(dout, kh, rows_p)
+    do_rows = tiles.pack_rows(dout, kh, rows_p)
     delta = jnp.einsum(
         "bkrh,bkrh->bkr",
         do_rows.astype(jnp.float32),
-        fwd.pack_rows(out, kh, rows_p).astype(jnp.float32),
+        tiles.pack_rows(out, kh, rows_p).astype(jnp.float32),
         preferred_element_type=jnp.float32,
     )
     bias_p, mask_p = pk.tiles()
     transposed = lambda x: jnp.swapaxes(x, 2, 3)  # [.., rows_p, s_pad] -> [.., s_pad, rows_p]
-    st = _Static(
+    st = tiles.BwdStatic(
         n // kh, h, options.spec, options.scale, options.soft_cap, pk.segments,
         options.interpret is not None, rows_p, bias is not None, mask is not None,
         max(bias_p.shape[0], mask_p.shape[0]) > 1, s_pad // B,
     )  # fmt: skip
-    fst = fwd._Static(
+    fst = tiles.Static(
         st.g, h, s_pad, B, options.spec, options.scale, options.soft_cap, pk.segments,
         st.interpret,
     )  # fmt: skip
@@ -358,10 +307,10 @@ def backward(q, k, v, bias, mask, aux, out, lse, dout, options: xla.Options):
         transposed(mask_p) if st.mask else mask_p,
     )  # fmt: skip
     lens_smem = plgpu.SMEM(pk.lens.shape[1:], jnp.int32)
-    tiles = lambda on, dtype: plgpu.SMEM((2, B, B) if on else (8,), dtype)
+    tile_smem = lambda on, dtype: plgpu.SMEM((2, B, B) if on else (8,), dtype)
     params = dict(
         compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=4 * 4 * B),
-        interpret=fwd.interpret_params(options),
+        interpret=tiles.interpret_params(options),
     )
     dq_body = _dq_kernel(st, fst)
 
@@ -369,16 +318,16 @@ def backward(q, k, v, bias, mask, aux, out, lse, dout, options: xla.Options):
         pl.run_scoped(
             dq_body(*refs),
             lens_smem,
-            fwd.smem((B, h), q.dtype),
-            fwd.smem((B, h), q.dtype),
-            fwd.smem((2, B, h), k.dtype),
-            fwd.smem((2, B, h), v.dtype),
+            tiles.smem((B, h), q.dtype),
+            tiles.smem((B, h), q.dtype),
+            tiles.smem((2, B, h), k.dtype),
+            tiles.smem((2, B, h), v.dtype),
             plgpu.SMEM((B,), jnp.float32),
             plgpu.SMEM((B,), jnp.float32),
             plgpu.SMEM((B,), jnp.int32),
             plgpu.SMEM((2, B), jnp.int32),
-            tiles(st.bias, jnp.float32),
-            tiles(st.mask, q.dtype),
+            tile_smem(st.bias, jnp.float32),
+            tile_smem(st.mask, q.dtype),
             plgpu.SMEM((B, B) if st.bias else (8,), jnp.float32),
             plgpu.Barrier(num_barriers=16),
         )
@@ -400,16 +349,16 @@ def backward(q, k, v, bias, mask, aux, out, lse, dout, options: xla.Options):
         pl.run_scoped(
             dkv_body(*refs),
             lens_smem,
-            fwd.smem((B, h), k.dtype),
-            fwd.smem((B, h), v.dtype),
+            tiles.smem((B, h), k.dtype),
+            tiles.smem((B, h), v.dtype),
             plgpu.SMEM((B,), jnp.int32),
-            fwd.smem((2, B, h), q.dtype),
-            fwd.smem((2, B, h), q.dtype),
+            tiles.smem((2, B, h), q.dtype),
+            tiles.smem((2, B, h), q.dtype),
             plgpu.SMEM((2, B), jnp.float32),
             plgpu.SMEM((2, B), jnp.float32),
             plgpu.SMEM((2, B), jnp.int32),
-            tiles(st.bias, jnp.float32),
-            tiles(st.mask, q.dtype),
+            tile_smem(st.bias, jnp.float32),
+            tile_smem(st.mask, q.dtype),
             plgpu.Barrier(num_barriers=18),
         )
 
@@ -425,25 +374,4 @@ def backward(q, k, v, bias, mask, aux, out, lse, dout, options: xla.Options):
     )(*operands)
     unkv = lambda x: jnp.moveaxis(x, 1, 2)[:, :s]
     dbias = None if bias is None else _dbias_to(dbias, bias, t, s, n)
-    return fwd.unpack_rows(dq, t, n), unkv(dk), unkv(dv), dbias
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def attention(q, k, v, bias, mask, aux, options: xla.Options):
-    """q [B,T,N,H], k/v [B,S,K,H]; bias/mask [B|1, N|1, T|1, S|1] or None;
-    aux = (q_len, kv_len, q_seg, kv_seg), as for the other backends."""
-    return fwd.forward(q, k, v, bias, mask, aux, options)[0]
-
-
-def _fwd(q, k, v, bias, mask, aux, options):
-    out, lse = fwd.forward(q, k, v, bias, mask, aux, options)
-    return out, (q, k, v, bias, mask, aux, out, lse)
-
-
-def _bwd(options, residuals, dout):
-    q, k, v, bias, mask, aux, out, lse = residuals
-    dq, dk, dv, dbias = backward(q, k, v, bias, mask, aux, out, lse, dout, options)
-    return dq, dk, dv, dbias, None, None
-
-
-attention.defvjp(_fwd, _bwd)
+    return tiles.unpack_rows(dq, t, n), unkv(dk), unkv(dv), dbias

@@ -1,0 +1,232 @@
+"""What the Mosaic GPU attention kernels share: the packed-row layout and its
+operands, block ranges, swizzled SMEM tiles, and ``matmul`` (wgmma on hardware,
+dot_general in the GPU interpreter)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallax.kernels._mgpu import tma_table
+from pallax.kernels.attention import xla
+from pallax.kernels.attention.masks import MaskSpec
+
+BLOCK_Q = 64  # rows per CTA: one warpgroup's WGMMA tile
+WG = plgpu.Layout.WGMMA
+ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a WGMMA tile
+COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column
+_NT = (((1,), (1,)), ((), ()))
+_NN = (((1,), (0,)), ((), ()))
+LSE_PAD = 1e30  # log-sum-exp of padded rows: exp(s - lse) = 0 in the backward
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    g: int
+    h: int
+    s: int  # cache length after padding to >= block_kv
+    bk: int
+    spec: MaskSpec
+    scale: float
+    soft_cap: float | None
+    segments: bool
+    interpret: bool
+    bias: bool = False
+    mask: bool = False
+    bias_batch: bool = True  # the packed bias/mask have a batch axis (else shared)
+
+
+def kv_block_range(st: Static, row0, q_len, kv_len):
+    """First and last K/V block (inclusive) that rows [row0, row0 + 64) attend to."""
+    shift = st.g.bit_length() - 1
+    pos_lo, pos_hi = row0 >> shift, (row0 + BLOCK_Q - 1) >> shift
+    last_pos = kv_len - 1
+    if st.spec.causal:
+        last_pos = jnp.minimum(last_pos, pos_hi)
+    first = jnp.int32(0)
+    if st.spec.window is not None:
+        left, right = st.spec.window
+        last_pos = jnp.minimum(last_pos, pos_hi + right)
+        first = jax.lax.div(jnp.maximum(pos_lo - left, 0), st.bk)
+    last = jnp.where((last_pos < 0) | (pos_lo >= q_len), -1, jax.lax.div(last_pos, st.bk))
+    return first, last
+
+
+def matmul(interpret: bool, a, b, *, a_in_smem: bool, transpose_b=False, acc=None, shape=None):
+    """``acc + a @ op(b)`` in f32: ``b`` an SMEM ref (``op`` = transpose when asked), ``a``
+    an SMEM ref or a bf16/f16 register array in the WGMMA layout; ``shape`` of the
+    product when there is no ``acc``. On hardware: wgmma. In the GPU interpreter
+    (which has no wgmma): dot_general on the loaded tiles."""
+    if interpret:
+        a_val = plgpu.load(a, layout=WG) if a_in_smem else a
+        b_val = plgpu.load(b, layout=WG)
+        product = jax.lax.dot_general(
+            a_val, b_val, _NT if transpose_b else _NN, preferred_element_type=jnp.float32
+        )
+        return product if acc is None else acc + product
+    b_op = b.transpose((1, 0)) if transpose_b else b
+    if acc is None:
+
+        def fresh(acc_ref):
+            plgpu.wgmma(acc_ref, a, b_op)
+            return acc_ref[...]
+
+        return pl.run_scoped(fresh, plgpu.ACC(shape, jnp.float32))
+
+    def accumulate(acc_ref):
+        plgpu.wgmma(acc_ref, a, b_op)
+
+    return pl.run_state(accumulate)(plgpu.ACC.init(acc))
+
+
+def smem(shape, dtype):
+    swizzle = 128  # bytes: rows of 64 bf16/f16 elements
+    transforms = (
+        plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+        plgpu.SwizzleTransform(swizzle),
+    )
+    return plgpu.SMEM(shape, dtype, transforms=transforms)
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """The kernels' operands: query heads of a group packed into rows, K/V padded."""
+
+    q_rows: jax.Array  # [B, K, rows_p, H], row = t * G + g
+    k: jax.Array  # [B, s_pad, K, H]
+    v: jax.Array
+    lens: jax.Array  # tma_table of (q_len, kv_len) per sequence
+    q_seg: jax.Array  # [B, rows_p] (or a dummy)
+    kv_seg: jax.Array  # [B, s_pad] (or a dummy)
+    segments: bool
+    bias: jax.Array | None = None  # [B|1, K, rows_p, s_pad]
+    mask: jax.Array | None = None  # [B|1, K, rows_p, s_pad] in q's dtype, 1 = attend
+
+    def tiles(self):
+        """(bias, mask) operands: the packed arrays, or 1-element dummies."""
+        dummy = jnp.zeros((1, 1, 1, 8), jnp.float32)
+        return (
+            dummy if self.bias is None else self.bias,
+            dummy if self.mask is None else self.mask,
+        )
+
+
+def pack_rows(x, kh, rows_p):
+    """[B, T, N, ...] -> [B, K, rows_p, ...] (zero rows appended)."""
+    b, t, n = x.shape[:3]
+    g = n // kh
+    x = x.reshape(b, t, kh, g, *x.shape[3:])
+    x = jnp.moveaxis(x, 2, 1).reshape(b, kh, t * g, *x.shape[4:])
+    pad = [(0, 0)] * x.ndim
+    pad[2] = (0, rows_p - t * g)
+    return jnp.pad(x, pad)
+
+
+def unpack_rows(x, t, n):
+    """[B, K, rows_p, ...] -> [B, T, N, ...]."""
+    b, kh = x.shape[:2]
+    x = x[:, :, : t * (n // kh)].reshape(b, kh, t, n // kh, *x.shape[3:])
+    return jnp.moveaxis(x, 1, 2).reshape(b, t, n, *x.shape[4:])
+
+
+def pack_logit_array(x, lead, n, t, s, kh, rows_p, s_pad, dtype):
+    """bias / mask [B|1, N|1, T|1, S|1] -> [lead, K, rows_p, s_pad] (zero padded)."""
+    x = jnp.broadcast_to(x, (lead, n, t, s)).astype(dtype)
+    x = pack_rows(jnp.swapaxes(x, 1, 2), kh, rows_p)
+    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, s_pad - s)))
+
+
+def pack(q, k, v, aux, *, s_multiple: int, s_min: int, bias=None, mask=None) -> Packed:
+    b, t, n, _ = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = n // kh
+    # TMA into 8-row SMEM tiles needs S % 8 == 0 and one block must fit: pad (a copy
+    # of K/V only for such S); the padded rows are masked by the lengths.
+    s_pad = max(s_min, -(-s // s_multiple) * s_multiple)
+    if s_pad != s:
+        pad = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
+        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+    rows_p = -(-t * g // BLOCK_Q) * BLOCK_Q
+    q_len = jnp.full((b,), t, jnp.int32) if aux[0] is None else jnp.clip(aux[0], 0, t)
+    kv_len = jnp.full((b,), s, jnp.int32) if aux[1] is None else jnp.clip(aux[1], 0, s)
+    lens = tma_table(jnp.stack([q_len, kv_len], axis=1).reshape(1, 2 * b))
+    segments = aux[2] is not None
+    if segments:
+        q_seg = jnp.pad(jnp.repeat(aux[2], g, axis=1), ((0, 0), (0, rows_p - t * g)))
+        kv_seg = jnp.pad(aux[3], ((0, 0), (0, s_pad - s)))
+    else:
+        q_seg, kv_seg = jnp.zeros((1, BLOCK_Q), jnp.int32), jnp.zeros((1, s_pad), jnp.int32)
+    lead = max(1 if x is None else x.shape[0] for x in (bias, mask))  # B, or 1 if shared
+    logit = functools.partial(
+        pack_logit_array, lead=lead, n=n, t=t, s=s, kh=kh, rows_p=rows_p, s_pad=s_pad
+    )
+    return Packed(
+        pack_rows(q, kh, rows_p), k, v, lens, q_seg, kv_seg, segments,
+        None if bias is None else logit(bias, dtype=jnp.float32),
+        None if mask is None else logit(mask, dtype=q.dtype),
+    )  # fmt: skip
+
+
+def interpret_params(options: xla.Options):
+    interpret = options.interpret
+    return (
+        None if interpret is None else plgpu.InterpretGPUParams(detect_races=interpret.detect_races)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class BwdStatic:
+    g: int
+    h: int
+    spec: object
+    scale: float
+    soft_cap: float | None
+    segments: bool
+    interpret: bool
+    rows_p: int
+    bias: bool = False
+    mask: bool = False
+    bias_batch: bool = True
+    kv_blocks: int = 0
+
+
+def logits(st, raw, bias=None):
+    s = raw * st.scale
+    if bias is not None:
+        s = s + bias
+    if st.soft_cap is not None:
+        s = st.soft_cap * jnp.tanh(s / st.soft_cap)
+    return s
+
+
+def d_logits(st, p, dp, delta, s):
+    """dL/dz for the logits z = scale * q.k + bias, through the softmax and the soft cap
+    (= dL/dbias; dL/d(q.k) is this times the scale)."""
+    ds = p * (dp - delta)
+    if st.soft_cap is not None:
+        ds = ds * (1.0 - jnp.square(s / st.soft_cap))
+    return ds
+
+
+def q_block_range(st, k0, q_len, kv_len):
+    """First and last 64-row query block whose rows attend to keys [k0, k0 + 64)."""
+    lowest = jnp.int32(0)  # the lowest query position that sees one of the keys
+    if st.spec.causal:
+        lowest = k0
+    if st.spec.window is not None:
+        left, right = st.spec.window
+        lowest = jnp.maximum(lowest, k0 - right)
+        highest = jnp.minimum(q_len - 1, k0 + BLOCK_Q - 1 + left)
+    else:
+        highest = q_len - 1
+    first = jax.lax.div(jnp.maximum(lowest, 0) * st.g, BLOCK_Q)
+    last = jax.lax.div((highest + 1) * st.g - 1, BLOCK_Q)
+    last = jnp.where(
+        (k0 >= kv_len) | (highest < 0), -1, jnp.minimum(last, st.rows_p // BLOCK_Q - 1)
+    )
+    return first, last
