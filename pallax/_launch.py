@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -108,4 +109,6 @@ def supervise(args, injections) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
+    if args.ft_dir is None:  # the tiers live in RAM: a run directory we made goes on success
+        shutil.rmtree(ft_dir, ignore_errors=True)
     return 0

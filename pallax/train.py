@@ -81,7 +81,11 @@ def parse_args(argv=None):
         help="run the workers under a supervisor: state replicated to each worker's "
         "in-memory tier every step, restart + recovery from an intact replica on a lost worker",
     )
-    ft.add_argument("--ft-dir", default=None, help="run directory (default: under /dev/shm)")
+    ft.add_argument(
+        "--ft-dir",
+        default=None,
+        help="run directory (default: a new one under /dev/shm, removed after a successful run)",
+    )
     ft.add_argument(
         "--memory-every", type=int, default=1, help="steps between in-memory tier saves"
     )
