@@ -85,6 +85,8 @@ class _StandbyPool:
             )
 
     def take(self, env: dict[str, str], argv: list[str], log: pathlib.Path):
+        if not self._ready:  # a failure before the pool was refilled: start spares now
+            self.refill()
         proc = self._ready.pop(0)
         proc.stdin.write(json.dumps({"env": env, "argv": argv, "log": str(log)}) + "\n")
         proc.stdin.close()
