@@ -7,25 +7,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
+
+from pallax._procs import cpu_child_env, free_port
 
 
 def launch(args, argv) -> int:
     """Starts args.processes copies of this command as jax.distributed processes."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = []
     for pid in range(args.processes):
-        env = {
-            **os.environ,
-            "PALLAX_COORDINATOR": f"127.0.0.1:{port}",
-            "PALLAX_NUM_PROCESSES": str(args.processes),
-            "PALLAX_PROCESS_ID": str(pid),
-            "JAX_PLATFORMS": "cpu",
-        }
+        env = cpu_child_env(
+            {
+                "PALLAX_COORDINATOR": f"127.0.0.1:{port}",
+                "PALLAX_NUM_PROCESSES": str(args.processes),
+                "PALLAX_PROCESS_ID": str(pid),
+            }
+        )
         child = [a for a in argv if not a.startswith("--processes")]
         if "--processes" in argv:
             i = argv.index("--processes")

@@ -27,16 +27,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 
+from pallax._procs import cpu_child_env, free_port
 from pallax.fault import runtime
 from pallax.fault.goodput import GoodputTracker
 from pallax.fault.inject import EXIT_KILLED, Injection
@@ -48,20 +47,6 @@ _LOST_CODES = {
     EXIT_SDC: "persistent SDC",
     -signal.SIGKILL: "SIGKILL",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _child_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {**os.environ, **extra, "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = " ".join(
-        f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f
-    )
-    return env
 
 
 class _StandbyPool:
@@ -79,7 +64,7 @@ class _StandbyPool:
                     stdin=subprocess.PIPE,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
-                    env=_child_env({}),
+                    env=cpu_child_env({}),
                     text=True,
                 )
             )
@@ -121,7 +106,7 @@ class Supervisor:
     # -- one attempt ------------------------------------------------------------------------
 
     def _spawn(self, attempt: int, pool: _StandbyPool | None):
-        port = _free_port()
+        port = free_port()
         argv = list(self.argv)
         for injection in self.pending:
             argv += ["--inject", injection.spec()]
@@ -145,7 +130,7 @@ class Supervisor:
                     procs.append(
                         subprocess.Popen(
                             [sys.executable, "-m", "pallax.train", *argv],
-                            env=_child_env(env),
+                            env=cpu_child_env(env),
                             stdout=out,
                             stderr=subprocess.STDOUT,
                         )

@@ -7,10 +7,11 @@ its code in a subprocess.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
+
+from pallax._procs import cpu_child_env, free_port
 
 
 def run_with_cpu_devices(
@@ -20,11 +21,7 @@ def run_with_cpu_devices(
 
     Returns the process's stdout; raises AssertionError with its stderr when it fails.
     """
-    child_env = {**os.environ, **(env or {})}
-    flags = child_env.get("XLA_FLAGS", "")
-    flags = " ".join(f for f in flags.split() if "force_host_platform_device_count" not in f)
-    child_env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={num_devices}"
-    child_env["JAX_PLATFORMS"] = "cpu"
+    child_env = cpu_child_env(env, num_devices=num_devices)
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
@@ -38,14 +35,6 @@ def run_with_cpu_devices(
             f"\n--- stderr\n{result.stderr}"
         )
     return result.stdout
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Prepended to each process's code by run_processes.
@@ -69,11 +58,8 @@ def run_processes(
     Returns each process's stdout (in process order); raises AssertionError with
     the failing processes' stderr.
     """
-    port = _free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = " ".join(
-        f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f
-    )
+    port = free_port()
+    env = cpu_child_env()
     procs = []
     for pid in range(num_processes):
         prelude = _DISTRIBUTED_PRELUDE.format(

@@ -84,6 +84,16 @@ def matmul(interpret: bool, a, b, *, a_in_smem: bool, transpose_b=False, acc=Non
     return pl.run_state(accumulate)(plgpu.ACC.init(acc))
 
 
+def copy_in(copies, bars) -> None:
+    """Copies [(GMEM ref, SMEM ref) or None, ...] in, on ``bars`` 0, 1, ..., and waits for
+    them all (the operands a CTA loads once, before its pipeline starts)."""
+    copies = [c for c in copies if c is not None]
+    for i, (src, dst) in enumerate(copies):
+        plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+    for i in range(len(copies)):
+        plgpu.barrier_wait(bars.at[i])
+
+
 def smem(shape, dtype):
     swizzle = 128  # bytes: rows of 64 bf16/f16 elements
     transforms = (

@@ -47,6 +47,7 @@ from pallax.kernels.attention._mgpu_tiles import (
     ROW,
     WG,
     Static,
+    copy_in,
     interpret_params,
     kv_block_range,
     matmul,
@@ -87,15 +88,15 @@ def _kernel(st: Static):
                    lse_smem, bars):  # fmt: skip
             # bars: 0 lengths, 1 q, 2 q segments; per slot: 3+ K, 5+ V, 7+ kv segments,
             # 9+ bias, 11+ mask.
-            plgpu.copy_gmem_to_smem(lens_gmem.at[0], lens_smem, bars.at[0])
-            plgpu.copy_gmem_to_smem(q_gmem.at[b, kh, pl.ds(row0, BLOCK_Q)], q_smem, bars.at[1])
-            if st.segments:
-                plgpu.copy_gmem_to_smem(
-                    qseg_gmem.at[b, pl.ds(row0, BLOCK_Q)], qseg_smem, bars.at[2]
-                )
-                plgpu.barrier_wait(bars.at[2])
-            plgpu.barrier_wait(bars.at[0])
-            plgpu.barrier_wait(bars.at[1])
+            rows = pl.ds(row0, BLOCK_Q)
+            copy_in(
+                [
+                    (lens_gmem.at[0], lens_smem),
+                    (q_gmem.at[b, kh, rows], q_smem),
+                    (qseg_gmem.at[b, rows], qseg_smem) if st.segments else None,
+                ],
+                bars,
+            )
             q_len, kv_len = lookup(lens_smem, 2 * b), lookup(lens_smem, 2 * b + 1)
             first, last = kv_block_range(st, row0, q_len, kv_len)
 
@@ -103,14 +104,14 @@ def _kernel(st: Static):
                 return jnp.minimum(j * bk, st.s - bk)
 
             def issue(j, slot):
-                rows = pl.ds(start_of(j), bk)
-                plgpu.copy_gmem_to_smem(k_gmem.at[b, rows, kh], k_smem.at[slot], bars.at[3 + slot])
-                plgpu.copy_gmem_to_smem(v_gmem.at[b, rows, kh], v_smem.at[slot], bars.at[5 + slot])
+                keys = pl.ds(start_of(j), bk)
+                plgpu.copy_gmem_to_smem(k_gmem.at[b, keys, kh], k_smem.at[slot], bars.at[3 + slot])
+                plgpu.copy_gmem_to_smem(v_gmem.at[b, keys, kh], v_smem.at[slot], bars.at[5 + slot])
                 if st.segments:
                     plgpu.copy_gmem_to_smem(
-                        kvseg_gmem.at[b, rows], kvseg_smem.at[slot], bars.at[7 + slot]
+                        kvseg_gmem.at[b, keys], kvseg_smem.at[slot], bars.at[7 + slot]
                     )
-                tile = (bb, kh, pl.ds(row0, BLOCK_Q), rows)
+                tile = (bb, kh, rows, keys)
                 if st.bias:
                     plgpu.copy_gmem_to_smem(
                         bias_gmem.at[tile], bias_smem.at[slot], bars.at[9 + slot]
@@ -189,8 +190,8 @@ def _kernel(st: Static):
             q_smem[...] = out.astype(q_smem.dtype)  # the Q tile becomes the output tile
             lse_smem[...] = jnp.where(live, m + jnp.log(jnp.where(live, denom, 1.0)), LSE_PAD)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_smem, out_gmem.at[b, kh, pl.ds(row0, BLOCK_Q)])
-            plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[b, kh, pl.ds(row0, BLOCK_Q)])
+            plgpu.copy_smem_to_gmem(q_smem, out_gmem.at[b, kh, rows])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[b, kh, rows])
             plgpu.wait_smem_to_gmem(0)
 
         return scoped

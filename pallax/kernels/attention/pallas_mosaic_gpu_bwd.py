@@ -49,17 +49,17 @@ def _dq_kernel(st: tiles.BwdStatic, fst: tiles.Static):
             # bars: 0 lengths, 1 q, 2 do, 3 lse, 4 delta, 5 q seg; per slot 6+ K, 8+ V,
             # 10+ kv seg, 12+ bias, 14+ mask
             rows = pl.ds(row0, B)
-            plgpu.copy_gmem_to_smem(lens.at[0], lens_s, bars.at[0])
-            plgpu.copy_gmem_to_smem(q_g.at[b, kh, rows], q_s, bars.at[1])
-            plgpu.copy_gmem_to_smem(do_g.at[b, kh, rows], do_s, bars.at[2])
-            plgpu.copy_gmem_to_smem(lse_g.at[b, kh, rows], lse_s, bars.at[3])
-            plgpu.copy_gmem_to_smem(delta_g.at[b, kh, rows], delta_s, bars.at[4])
-            waits = 5
-            if st.segments:
-                plgpu.copy_gmem_to_smem(qseg_g.at[b, rows], qseg_s, bars.at[5])
-                waits = 6
-            for i in range(waits):
-                plgpu.barrier_wait(bars.at[i])
+            tiles.copy_in(
+                [
+                    (lens.at[0], lens_s),
+                    (q_g.at[b, kh, rows], q_s),
+                    (do_g.at[b, kh, rows], do_s),
+                    (lse_g.at[b, kh, rows], lse_s),
+                    (delta_g.at[b, kh, rows], delta_s),
+                    (qseg_g.at[b, rows], qseg_s) if st.segments else None,
+                ],
+                bars,
+            )
             q_len, kv_len = lookup(lens_s, 2 * b), lookup(lens_s, 2 * b + 1)
             first, last = tiles.kv_block_range(fst, row0, q_len, kv_len)
 
@@ -172,15 +172,15 @@ def _dkv_kernel(st: tiles.BwdStatic):
             # bars: 0 lengths, 1 K, 2 V, 3 kv seg; per slot 4+ q, 6+ do, 8+ lse, 10+ delta,
             # 12+ q seg, 14+ bias^T, 16+ mask^T
             keys = pl.ds(k0, B)
-            plgpu.copy_gmem_to_smem(lens.at[0], lens_s, bars.at[0])
-            plgpu.copy_gmem_to_smem(k_g.at[b, keys, kh], k_s, bars.at[1])
-            plgpu.copy_gmem_to_smem(v_g.at[b, keys, kh], v_s, bars.at[2])
-            waits = 3
-            if st.segments:
-                plgpu.copy_gmem_to_smem(kvseg_g.at[b, keys], kvseg_s, bars.at[3])
-                waits = 4
-            for i in range(waits):
-                plgpu.barrier_wait(bars.at[i])
+            tiles.copy_in(
+                [
+                    (lens.at[0], lens_s),
+                    (k_g.at[b, keys, kh], k_s),
+                    (v_g.at[b, keys, kh], v_s),
+                    (kvseg_g.at[b, keys], kvseg_s) if st.segments else None,
+                ],
+                bars,
+            )
             q_len, kv_len = lookup(lens_s, 2 * b), lookup(lens_s, 2 * b + 1)
             first, last = tiles.q_block_range(st, k0, q_len, kv_len)
 
