@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import os
+import pathlib
 
-import jax
-import pytest
-from hypothesis import HealthCheck, settings
+
+def _has_accelerator() -> bool:
+    return any(pathlib.Path("/dev").glob("nvidia[0-9]*")) or any(
+        pathlib.Path("/dev").glob("accel*")
+    )
+
+
+# On a host without an accelerator, JAX must not try libtpu or the CUDA plugin
+# (both installed for the compile suite); the compile-only targets need it too.
+if "JAX_PLATFORMS" not in os.environ and not _has_accelerator():
+    os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Fixed before JAX's CPU backend starts; single-device tests still use device 0.
 jax.config.update("jax_num_cpu_devices", 8)

@@ -52,6 +52,9 @@ _interpret_ctx: contextvars.ContextVar[InterpretConfig | None] = contextvars.Con
 _platform_ctx: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "pallax_lowering_platform", default=None
 )
+_kind_ctx: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "pallax_lowering_device_kind", default=None
+)
 
 
 @contextlib.contextmanager
@@ -72,20 +75,29 @@ def interpret_mode(*, detect_races: bool = False) -> Iterator[InterpretConfig]:
 
 
 @contextlib.contextmanager
-def lowering_platform(platform: Literal["tpu", "cuda"]) -> Iterator[None]:
+def lowering_platform(
+    platform: Literal["tpu", "cuda"], *, device_kind: str | None = None
+) -> Iterator[None]:
     """Emits kernels for ``platform`` while tracing inside the block.
 
     Use it around ``jax.export.export(..., platforms=[platform])`` on a machine
     without that hardware; :func:`pallax.testing.assert_lowers_for_tpu` does.
+    ``device_kind`` (e.g. ``'TPU v5 lite'``, a compile-only device's
+    ``device_kind``) picks that chip's block sizes and VMEM budget; without it
+    kernels use sizes that fit every supported chip of the platform.
     The platform is read while tracing and ``jax.jit`` caches traces by
     function, so export a function that was not traced for another platform.
     """
     if platform not in ("tpu", "cuda"):
         raise ValueError(f"lowering_platform: platform must be 'tpu' or 'cuda', got {platform!r}")
+    if device_kind is not None and not isinstance(device_kind, str):
+        raise TypeError(f"lowering_platform: device_kind must be a str, got {device_kind!r}")
     token = _platform_ctx.set("gpu" if platform == "cuda" else platform)
+    kind_token = _kind_ctx.set(device_kind)
     try:
         yield
     finally:
+        _kind_ctx.reset(kind_token)
         _platform_ctx.reset(token)
 
 
@@ -109,9 +121,10 @@ def current_platform() -> str:
 
 
 def device_kind() -> str | None:
-    """The device kind used to look up tuned block sizes (None when lowering elsewhere)."""
+    """The device kind that block sizes are chosen for: the lowering target's when one is
+    set (None if it names no kind), else the default device's."""
     if _platform_ctx.get() is not None:
-        return None
+        return _kind_ctx.get()
     return jax.devices()[0].device_kind
 
 
