@@ -9,8 +9,9 @@ nvidia-cuda-nvcc-cu12``), and ``jax.jit(f).lower(...).compile()`` then runs the
 real compilers: VMEM/SMEM overflows, layout-inference failures and register
 spills show up as they would on the hardware. Nothing is executed.
 
-Both need ``JAX_PLATFORMS=cpu`` in the environment before JAX starts (the CUDA
-plugin will not describe a GPU it cannot load otherwise).
+Both need JAX on its CPU backend alone (``JAX_PLATFORMS=cpu``, which the first
+call selects if JAX has not started yet): the CUDA plugin will not describe a GPU
+it cannot load otherwise.
 
     from pallax.testing import compile_for, tpu_mesh
     result = compile_for("v5e", f, jax.ShapeDtypeStruct((1, 2048, 8, 128), jnp.bfloat16), ...)
@@ -110,13 +111,15 @@ class CompileResult:
     argument_bytes: int | None = None
     output_bytes: int | None = None
     temp_bytes: int | None = None
+    alias_bytes: int | None = None  # outputs that reuse donated arguments
     kernels: tuple[KernelResources, ...] = ()
 
     @property
     def total_bytes(self) -> int | None:
+        """Peak bytes per chip: arguments + outputs + temporaries - donated aliases."""
         if self.argument_bytes is None:
             return None
-        return self.argument_bytes + self.output_bytes + self.temp_bytes
+        return self.argument_bytes + self.output_bytes + self.temp_bytes - (self.alias_bytes or 0)
 
     def summary(self) -> str:
         if not self.ok:
@@ -137,12 +140,19 @@ def first_lines(message: str | None, n: int = 3) -> str:
 
 
 def _require_cpu_only() -> None:
-    platforms = os.environ.get("JAX_PLATFORMS", "")
-    if platforms != "cpu":
-        raise RuntimeError(
-            "compile-only TPU/GPU targets need JAX_PLATFORMS=cpu in the environment before "
-            f"JAX starts (got JAX_PLATFORMS={platforms!r})"
-        )
+    """Compile-only devices need JAX on its CPU backend alone (the CUDA plugin does not
+    describe a GPU it cannot load otherwise): selects it if JAX has not started yet."""
+    from jax._src import xla_bridge
+
+    if jax.config.jax_platforms == "cpu":
+        return
+    if not xla_bridge.backends_are_initialized():
+        jax.config.update("jax_platforms", "cpu")
+        return
+    raise RuntimeError(
+        "compile-only TPU/GPU targets need JAX_PLATFORMS=cpu (set before JAX starts; "
+        f"this process started JAX with platforms={jax.config.jax_platforms!r})"
+    )
 
 
 @functools.cache
@@ -205,18 +215,16 @@ def _put_ptxas_on_path() -> None:
 
 
 def _placed(args: Sequence, device) -> list:
-    """Arguments as ShapeDtypeStructs; those without a sharding go on ``device``."""
+    """Arguments (pytrees) as ShapeDtypeStructs; leaves without a sharding go on ``device``."""
     single = jax.sharding.SingleDeviceSharding(device)
-    out = []
-    for x in args:
-        if x is None:
-            out.append(None)
-            continue
+
+    def place(x):
         sharding = getattr(x, "sharding", None)
         if not isinstance(sharding, jax.sharding.NamedSharding | jax.sharding.SingleDeviceSharding):
             sharding = single
-        out.append(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding))
-    return out
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return [jax.tree.map(place, x) for x in args]
 
 
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
@@ -243,14 +251,17 @@ def _kernel_reports(dump: pathlib.Path) -> tuple[KernelResources, ...]:
     return tuple(kernels)
 
 
-def compile_for(target: str, fn: Callable, *args, chips: int = 4) -> CompileResult:
+def compile_for(
+    target: str, fn: Callable, *args, chips: int = 4, donate_argnums: tuple[int, ...] = ()
+) -> CompileResult:
     """Compiles ``jax.jit(fn)(*args)`` for ``target`` with the real compiler.
 
     ``args`` are arrays or ShapeDtypeStructs (None passes through); those with a
     NamedSharding on a :func:`target_mesh` keep it, the others live on one chip.
     Kernels are traced for the target (``lowering_platform`` with its device kind),
     so an explicit ``implementation='pallas_tpu'`` compiles from a CPU host.
-    Compiler errors are returned (``ok=False``), not raised.
+    ``donate_argnums`` as for ``jax.jit`` (a jitted ``fn``'s own donation does not
+    carry through the wrapper). Compiler errors are returned (``ok=False``), not raised.
     """
     devices = compile_only_devices(target, **({"chips": chips} if target in TPU_CHIPS else {}))
     platform = "cuda" if target in GPU_TARGETS else "tpu"
@@ -267,7 +278,7 @@ def compile_for(target: str, fn: Callable, *args, chips: int = 4) -> CompileResu
             os.environ["MOSAIC_GPU_DUMP_TO"] = str(dump)
             jax.clear_caches()  # a cached executable would leave no ptxas report
         with lowering_platform(platform, device_kind=devices[0].device_kind):
-            compiled = jax.jit(fresh).lower(*placed).compile()
+            compiled = jax.jit(fresh, donate_argnums=donate_argnums).lower(*placed).compile()
         stats = compiled.memory_analysis()
         return CompileResult(
             target=target,
@@ -276,6 +287,7 @@ def compile_for(target: str, fn: Callable, *args, chips: int = 4) -> CompileResu
             argument_bytes=stats.argument_size_in_bytes,
             output_bytes=stats.output_size_in_bytes,
             temp_bytes=stats.temp_size_in_bytes,
+            alias_bytes=stats.alias_size_in_bytes,
             kernels=_kernel_reports(dump) if dump is not None else (),
         )
     except Exception as e:  # the compiler's own message is the result
@@ -292,14 +304,19 @@ def compile_for(target: str, fn: Callable, *args, chips: int = 4) -> CompileResu
 
 
 def assert_compiles(
-    target: str, fn: Callable, *args, chips: int = 4, what: str | None = None
+    target: str,
+    fn: Callable,
+    *args,
+    chips: int = 4,
+    donate_argnums: tuple[int, ...] = (),
+    what: str | None = None,
 ) -> CompileResult:
     """:func:`compile_for`, raising AssertionError with the compiler's message on failure,
     and on Hopper also when a kernel spills registers or exceeds 227 KiB of SMEM.
 
     ``what`` names the case in the message (default: ``fn``'s name and the shapes).
     """
-    result = compile_for(target, fn, *args, chips=chips)
+    result = compile_for(target, fn, *args, chips=chips, donate_argnums=donate_argnums)
     if what is None:
         shapes = ", ".join("None" if a is None else f"{a.dtype}{list(a.shape)}" for a in args)
         what = f"{getattr(fn, '__name__', fn)}({shapes})"

@@ -10,7 +10,12 @@ import jax.numpy as jnp
 
 from pallax.kernels import _dispatch
 from pallax.kernels.attention import pallas_mosaic_gpu, pallas_tpu_bwd, xla
-from pallax.kernels.attention.config import AttentionBlockSizes, default_block_sizes
+from pallax.kernels.attention.config import (
+    AttentionBlockSizes,
+    TpuTileShapes,
+    default_block_sizes,
+    tpu_vmem_limit,
+)
 from pallax.kernels.attention.masks import MaskSpec, normalize_window
 
 _AVAILABLE = ("xla", "pallas_tpu", "pallas_mosaic_gpu")
@@ -83,9 +88,16 @@ def dot_product_attention(
         )
 
     mode = _dispatch.resolve(_NAME, implementation, available=_AVAILABLE, supports=supports)
+    shapes = _tpu_tile_shapes(query, key, bias, mask)
+    kind = _dispatch.device_kind() if mode.implementation == "pallas_tpu" else None
     if block_sizes is None:
-        block_sizes = default_block_sizes(mode.implementation, q_len=t, kv_len=s)
+        block_sizes = default_block_sizes(
+            mode.implementation, q_len=t, kv_len=s, shapes=shapes, device_kind=kind
+        )
     block_sizes.check(mode.implementation)
+    vmem_limit = None
+    if mode.implementation == "pallas_tpu" and mode.interpret is None:
+        vmem_limit = tpu_vmem_limit(block_sizes, shapes, kind)
     bias4 = None if bias is None else jnp.reshape(bias, (1,) * (4 - bias.ndim) + bias.shape)
     mask4 = None if mask is None else jnp.reshape(mask, (1,) * (4 - mask.ndim) + mask.shape)
     options = xla.Options(
@@ -95,6 +107,7 @@ def dot_product_attention(
         block_q=block_sizes.block_q,
         block_kv=block_sizes.block_kv,
         interpret=mode.interpret,
+        vmem_limit_bytes=vmem_limit,
     )
     aux = (
         None if query_seq_lengths is None else jnp.asarray(query_seq_lengths, jnp.int32),
@@ -112,6 +125,24 @@ def _attention(query, key, value, bias, mask, aux, *, options, mode):
     if mode.implementation == "pallas_mosaic_gpu":
         return pallas_mosaic_gpu.attention(query, key, value, bias, mask, aux, options)
     return xla.attention(query, key, value, bias, mask, aux, options)
+
+
+def _tpu_tile_shapes(query, key, bias, mask) -> TpuTileShapes:
+    g = query.shape[2] // key.shape[2]
+
+    def heads(x):  # how many of a group's heads a dense tile holds
+        if x is None:
+            return 0
+        return 1 if x.ndim < 3 or x.shape[-3] == 1 else g
+
+    return TpuTileShapes(
+        groups=g,
+        head_dim=query.shape[3],
+        itemsize=query.dtype.itemsize,
+        bias_heads=heads(bias),
+        bias_itemsize=4 if bias is None else bias.dtype.itemsize,
+        mask_heads=heads(mask),
+    )
 
 
 def _shape_of(x):

@@ -165,6 +165,14 @@ def _forward_kernel(lengths_ref, *refs, st: tiles.Static, names):
         lse_ref[...] = lse.reshape(st.g, st.bq, 1)
 
 
+def compiler_params(options: Options) -> pltpu.CompilerParams:
+    """Grid (b, kh, outer block, inner block): the inner loop carries the accumulators."""
+    return pltpu.CompilerParams(
+        dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+        vmem_limit_bytes=options.vmem_limit_bytes,
+    )
+
+
 def interpret_params(options: Options):
     return tpu_interpret_params(options.interpret)
 
@@ -215,9 +223,7 @@ def forward(q, k, v, bias, mask, aux, options: Options):
                 pltpu.VMEM((rows, st.h), jnp.float32),
             ],
         ),
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
-        ),
+        compiler_params=compiler_params(options),
         cost_estimate=pl.CostEstimate(
             flops=4 * b * n * t * s * h,
             transcendentals=b * n * t * s,

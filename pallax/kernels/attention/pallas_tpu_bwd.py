@@ -132,7 +132,6 @@ def backward(q, k, v, bias, mask, aux, out, lse, dout, options: fwd.Options):
     extra = [("do", do5, "q_rows"), ("lse", lse_safe, "q_rows"), ("delta", delta, "q_rows")]
     lengths = fwd.lengths_of(aux, b, t, s)
     params = dict(interpret=fwd.interpret_params(options))
-    semantics = ("parallel", "parallel", "parallel", "arbitrary")
     cost = pl.CostEstimate(
         flops=8 * b * n * t * s * h,
         transcendentals=b * n * t * s,
@@ -156,7 +155,7 @@ def backward(q, k, v, bias, mask, aux, out, lse, dout, options: fwd.Options):
             out_specs=(kv_out, kv_out),
             scratch_shapes=[pltpu.VMEM((st.bk, st.h), jnp.float32)] * 2,
         ),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
+        compiler_params=fwd.compiler_params(options),
         cost_estimate=cost,
         name="pallax_flash_attention_dkv",
         **params,
@@ -182,7 +181,7 @@ def backward(q, k, v, bias, mask, aux, out, lse, dout, options: fwd.Options):
             out_specs=tuple(out_specs),
             scratch_shapes=[pltpu.VMEM((st.g * st.bq, st.h), jnp.float32)],
         ),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
+        compiler_params=fwd.compiler_params(options),
         cost_estimate=cost,
         name="pallax_flash_attention_dq",
         **params,

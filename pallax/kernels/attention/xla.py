@@ -24,7 +24,9 @@ from pallax.kernels.attention.masks import MaskSpec, allowed, tile_of
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """Static options of every attention backend (the XLA path ignores ``interpret``)."""
+    """Static options of every attention backend (the XLA path ignores ``interpret``
+    and ``vmem_limit_bytes``, the Mosaic TPU kernels' scoped VMEM limit; None: the
+    compiler's default)."""
 
     scale: float
     spec: MaskSpec
@@ -32,6 +34,7 @@ class Options:
     block_q: int
     block_kv: int
     interpret: InterpretConfig | None = None
+    vmem_limit_bytes: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
