@@ -17,6 +17,11 @@ in flight per CTA); occupancy (several CTAs per SM) hides part of the latency.
 Rows not divisible by 64: the last CTA's window is moved back to end at row R,
 so it overlaps the previous block and writes identical values to the overlap
 (rows are independent); inputs shorter than 64 rows are padded by the wrapper.
+When R is not a multiple of 8 that window starts at a row offset that is not
+either, and the SMEM tile cannot be tiled in 8-row units (TMA between tiled SMEM
+and GMEM needs both the offset and R to be multiples of 8): the tile stays
+untiled and is read into registers by Mosaic GPU's general (not bank-conflict-free)
+load, the only one layout inference admits for it.
 
 The backward is XLA's (``xla.rms_norm_backward``): a memory-bound fusion that
 recomputes the statistics.
@@ -60,6 +65,7 @@ def _forward_padded(x: jax.Array, scale: jax.Array, options: Options) -> jax.Arr
     block_cols = options.block_sizes.block_cols
     num_chunks = dim // block_cols
     eps, offset = options.eps, options.scale_offset
+    aligned = rows % 8 == 0  # else the x tile is untiled SMEM (see the docstring)
     row_layout = plgpu.Layout.WGMMA.reduce(1)  # [block_rows] vector, one value per row
     col_layout = plgpu.Layout.WGMMA.reduce(0)  # [block_cols] vector broadcast over rows
 
@@ -75,7 +81,8 @@ def _forward_padded(x: jax.Array, scale: jax.Array, options: Options) -> jax.Arr
             def load_chunk(c):
                 plgpu.copy_gmem_to_smem(x_gmem.at[window(c)], x_smem, barriers.at[0])
                 plgpu.barrier_wait(barriers.at[0])
-                return plgpu.load(x_smem, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+                tile = plgpu.load(x_smem, layout=plgpu.Layout.WGMMA, optimized=aligned)
+                return tile.astype(jnp.float32)
 
             def sum_squares(c, acc):
                 x_tile = load_chunk(c)  # [block_rows, block_cols] f32
