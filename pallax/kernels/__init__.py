@@ -12,6 +12,7 @@ from pallax.kernels._dispatch import (
     tpu_interpret_params,
 )
 from pallax.kernels._dispatch import resolve as resolve_implementation
+from pallax.kernels._partition import kernel_layout
 from pallax.kernels.attention import (
     AttentionBlockSizes,
     attention_reference,
@@ -48,6 +49,7 @@ __all__ = [
     "gated_mlp",
     "gated_mlp_reference",
     "interpret_mode",
+    "kernel_layout",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
     "lowering_platform",

@@ -185,10 +185,29 @@ def resolve(
     return KernelMode(implementation)
 
 
+_hlo_interpreter: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "pallax_hlo_interpreter", default=False
+)
+
+
+@contextlib.contextmanager
+def hlo_interpreter() -> Iterator[None]:
+    """Interpreted TPU kernels traced inside the block use Pallas's HLO interpreter
+    (``interpret=True``: plain HLO, no host callbacks) instead of the TPU interpreter,
+    so that a partitioner can place them per shard (``_partition.per_shard``)."""
+    token = _hlo_interpreter.set(True)
+    try:
+        yield
+    finally:
+        _hlo_interpreter.reset(token)
+
+
 def tpu_interpret_params(config: InterpretConfig | None):
     """The ``interpret=`` argument of a TPU ``pallas_call``: False, or the interpreter's params."""
     if config is None:
         return False
+    if _hlo_interpreter.get() and not config.detect_races:
+        return True
     from jax.experimental.pallas import tpu as pltpu
 
     return pltpu.InterpretParams(detect_races=config.detect_races)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from pallax.kernels import decode_attention, dot_product_attention, rms_norm
 from pallax.model import transformer as tf
+from pallax.model._context import traced_on
 from pallax.model.config import Config
 
 
@@ -100,12 +101,15 @@ def generate(
     top_k: int | None = None,
     rng=None,
     eos_id=None,
+    mesh: jax.sharding.Mesh | None = None,
 ):
     """Continues each prompt by up to ``max_new_tokens`` tokens.
 
     prompts: [B, T] int, right-padded; prompt_lengths: [B] (default: all T).
     temperature 0 is greedy; otherwise sampling (``top_k`` restricts it) with ``rng``.
     A sequence that emits ``eos_id`` stops (later positions hold ``eos_id``).
+    mesh: the mesh the params live on; the model's sharding constraints then apply and
+    the Pallas kernels run per shard laid out by the rule table (as in training).
     Returns new tokens [B, max_new_tokens] int32.
     """
     if max_new_tokens <= 0:
@@ -138,11 +142,19 @@ def generate(
         temperature=float(temperature),
         top_k=top_k,
         eos_id=eos_id,
+        mesh=mesh,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new", "temperature", "top_k", "eos_id"))
-def _generate(params, prompts, lengths, rng, *, config, max_new, temperature, top_k, eos_id):
+@functools.partial(
+    jax.jit, static_argnames=("config", "max_new", "temperature", "top_k", "eos_id", "mesh")
+)
+def _generate(params, prompts, lengths, rng, *, config, max_new, temperature, top_k, eos_id, mesh):
+    with traced_on(mesh):
+        return _loop(params, prompts, lengths, rng, config, max_new, temperature, top_k, eos_id)
+
+
+def _loop(params, prompts, lengths, rng, config, max_new, temperature, top_k, eos_id):
     b, t = prompts.shape
     logits, cache = prefill(params, prompts, lengths, config, t + max_new)
     out = jnp.zeros((b, max_new), jnp.int32)

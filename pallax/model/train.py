@@ -13,6 +13,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pallax.model import transformer
+from pallax.model._context import traced_on
 from pallax.model.config import PAD, Config
 from pallax.model.params import init_params, param_axes
 from pallax.sharding import DEFAULT_RULES, Rules, logical_to_spec, named_shardings
@@ -130,8 +131,13 @@ def make_train_step(config: Config, tc: TrainConfig, mesh: Mesh):
         return TrainState(params, opt_state, state.step + 1), metrics
 
     batch_shardings = {k: data for k in ("tokens", "targets", "segment_ids", "positions")}
+
+    def step_under_mesh(state: TrainState, batch):
+        with traced_on(mesh):  # sharding constraints + kernels per shard (rule table)
+            return step(state, batch)
+
     return jax.jit(
-        step,
+        step_under_mesh,
         in_shardings=(shardings, batch_shardings),
         out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=0,

@@ -107,11 +107,13 @@ def mlp_block(layer, x_btd, config: Config):
             config,
         )
         return shard(x_btd + checkpoint_name(out, "mlp_out"), _ACT)
+    # FSDP: the weights' d_model axis is gathered for the matmuls (the kernels take
+    # d_model whole; d_ff stays split over 'tensor', Megatron style).
     out = gated_mlp(
         h,
-        layer["w_gate"].astype(dtype),
-        layer["w_up"].astype(dtype),
-        layer["w_down"].astype(dtype),
+        shard(layer["w_gate"].astype(dtype), ("act_embed", "mlp")),
+        shard(layer["w_up"].astype(dtype), ("act_embed", "mlp")),
+        shard(layer["w_down"].astype(dtype), ("mlp", "act_embed")),
         activation=config.activation,
         implementation=config.implementation,
     )
@@ -201,7 +203,8 @@ def loss(params, batch, config: Config, *, z_loss: float = 0.0, reduction: str =
     )
     value, lse = linear_cross_entropy(
         hidden.reshape(-1, config.d_model),
-        output_weight(params, config),
+        # d_model gathered (FSDP); the vocabulary stays split over 'tensor'.
+        shard(output_weight(params, config), ("act_embed", "vocab")),
         batch["targets"].reshape(-1),
         logits_soft_cap=config.logits_soft_cap,
         z_loss=z_loss,

@@ -176,6 +176,7 @@ def compile_only_devices(target: str, *, chips: int = 4) -> tuple:
     if chips not in chip.shapes:
         raise ValueError(f"{target}: chips must be one of {sorted(chip.shapes)}, got {chips}")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    _load_tpu_plugin()
     topo = topologies.get_topology_desc(
         platform="tpu",
         topology_name=f"{chip.prefix}:{chip.shapes[chips]}",
@@ -185,6 +186,24 @@ def compile_only_devices(target: str, *, chips: int = 4) -> tuple:
         wrap=(False, False, False),
     )
     return tuple(topo.devices)
+
+
+def _load_tpu_plugin() -> None:
+    """Loads libtpu's PJRT plugin and runs JAX's plugin callbacks on it (they register,
+    among others, the custom_partitioning partitioner: without it, compiling a kernel
+    that partitions itself fails with "Custom emitter for CustomSPMDPartitioning not
+    found"). JAX's own topology path loads the plugin without them (private API)."""
+    from jax._src import xla_bridge
+    from jax._src.lib import xla_client
+
+    if xla_client.pjrt_plugin_loaded("tpu"):
+        return
+    path = xla_bridge.get_tpu_library_path()
+    if path is None:
+        raise RuntimeError("no libtpu: pip install 'jax[tpu]' (the `compile` extra)")
+    c_api = xla_client.load_pjrt_plugin_dynamically("tpu", path)
+    for callback in list(xla_bridge._plugin_callbacks):
+        callback(c_api=c_api)
 
 
 def target_mesh(target: str, axes: dict[str, int], **mesh_kwargs) -> jax.sharding.Mesh:

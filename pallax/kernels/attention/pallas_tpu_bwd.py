@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallax.kernels.attention import _sharded
 from pallax.kernels.attention import _tpu_tiles as tiles
 from pallax.kernels.attention import pallas_tpu as fwd
 
@@ -198,18 +199,21 @@ def backward(q, k, v, bias, mask, aux, out, lse, dout, options: fwd.Options):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def attention(q, k, v, bias, mask, aux, options: fwd.Options):
-    """The Pallas TPU attention, same signature as ``xla.attention``."""
-    return fwd.forward(q, k, v, bias, mask, aux, options)[0]
+    """The Pallas TPU attention, same signature as ``xla.attention``; the kernels run
+    per shard of sharded inputs (``_sharded``)."""
+    return _sharded.forward(fwd.forward, q, k, v, bias, mask, aux, options)[0]
 
 
 def _fwd(q, k, v, bias, mask, aux, options):
-    out, lse = fwd.forward(q, k, v, bias, mask, aux, options)
+    out, lse = _sharded.forward(fwd.forward, q, k, v, bias, mask, aux, options)
     return out, (q, k, v, bias, mask, aux, out, lse)
 
 
 def _bwd(options, residuals, dout):
     q, k, v, bias, mask, aux, out, lse = residuals
-    dq, dk, dv, dbias = backward(q, k, v, bias, mask, aux, out, lse, dout, options)
+    dq, dk, dv, dbias = _sharded.backward(
+        backward, q, k, v, bias, mask, aux, out, lse, dout, options
+    )
     return dq, dk, dv, dbias, None, None
 
 

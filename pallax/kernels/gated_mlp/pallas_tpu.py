@@ -25,6 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallax.kernels._dispatch import InterpretConfig, tpu_interpret_params
+from pallax.kernels._partition import Rule, per_shard
 from pallax.kernels.gated_mlp.activations import activation_and_grad
 from pallax.kernels.gated_mlp.config import GatedMlpBlockSizes
 
@@ -239,18 +240,40 @@ def _backward(x, w_gate, w_up, w_down, dy, options: Options):
     return dx, dwg, dwu, dwd
 
 
+# Rows shard over any axes; d_ff over any (Megatron: each device computes the
+# partial output of its F slice, summed across them); d_model must be whole.
+_UNSHARDABLE = (("d", "d_model"),)
+_NAMES = ("x", "w_gate", "w_up", "w_down")
+FORWARD_RULE = Rule("gated_mlp", ("r d", "d f", "d f", "f d"), ("r d",), _NAMES, _UNSHARDABLE)
+BACKWARD_RULE = Rule(
+    "gated_mlp (backward)",
+    ("r d", "d f", "d f", "f d", "r d"),
+    ("r d", "d f", "d f", "f d"),  # dx summed over F's devices, dW over the rows'
+    (*_NAMES, "dy"),
+    _UNSHARDABLE,
+)
+
+
+def _sharded_forward(x, w_gate, w_up, w_down, options):
+    fn = lambda *args: (_forward(*args, options),)
+    return per_shard(
+        fn, FORWARD_RULE, x, w_gate, w_up, w_down, interpret=options.interpret, tpu=True
+    )[0]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def gated_mlp(x, w_gate, w_up, w_down, options: Options):
     """x [T, D], w_gate/w_up [D, F], w_down [F, D] -> [T, D] in x.dtype."""
-    return _forward(x, w_gate, w_up, w_down, options)
+    return _sharded_forward(x, w_gate, w_up, w_down, options)
 
 
 def _fwd(x, w_gate, w_up, w_down, options):
-    return _forward(x, w_gate, w_up, w_down, options), (x, w_gate, w_up, w_down)
+    return _sharded_forward(x, w_gate, w_up, w_down, options), (x, w_gate, w_up, w_down)
 
 
 def _bwd(options, residuals, dy):
-    return _backward(*residuals, dy, options)
+    fn = lambda *args: _backward(*args, options)
+    return per_shard(fn, BACKWARD_RULE, *residuals, dy, interpret=options.interpret, tpu=True)
 
 
 gated_mlp.defvjp(_fwd, _bwd)

@@ -25,6 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallax.kernels._dispatch import InterpretConfig, tpu_interpret_params
+from pallax.kernels._partition import Rule, per_shard
 from pallax.kernels.linear_cross_entropy.config import LinearCrossEntropyBlockSizes
 from pallax.kernels.linear_cross_entropy.xla import capped, dlogits_raw
 
@@ -275,21 +276,94 @@ def _backward(hidden, weight, labels, lse, dlse, dlabel, options: Options):
     return dhidden, dweight
 
 
+# Tokens shard over any mesh axes; the vocabulary over any (each device holds a
+# [D, V/n] slice of the weight, never gathered: the log-sum-exp is combined across
+# the slices and the label logit comes from the slice that holds the label); the
+# hidden size must be whole.
+_NAMES = ("hidden", "weight", "labels")
+_UNSHARDABLE = (("d", "the hidden size (contracted)"),)
+FORWARD_RULE = Rule(
+    "linear_cross_entropy",
+    ("t d", "d v", "t"),
+    ("t", "t"),
+    _NAMES,
+    _UNSHARDABLE,
+    followers=("labels",),
+    combined=("v",),
+)
+BACKWARD_RULE = Rule(
+    "linear_cross_entropy (backward)",
+    ("t d", "d v", "t", "t", "t", "t"),
+    ("t d", "d v"),  # d_hidden summed over the vocabulary's devices, d_weight over the tokens'
+    (*_NAMES, "lse", "dlse", "dlabel"),
+    _UNSHARDABLE,
+    followers=("labels", "lse", "dlse", "dlabel"),
+    with_plan=True,
+)
+
+
+def _local_labels(labels, vocab_local: int, axes):
+    """Labels as column indices of this device's vocabulary slice; -1 when elsewhere."""
+    if not axes:
+        return labels
+    start = jax.lax.axis_index(axes) * vocab_local
+    inside = (labels >= start) & (labels < start + vocab_local)
+    return jnp.where(inside, labels - start, -1)
+
+
+def _sharded_forward(hidden, weight, labels, options):
+    def local(hidden, weight, labels, *, plan):
+        axes = plan.get("v", ())
+        lse, label_logit = _forward(
+            hidden, weight, _local_labels(labels, weight.shape[1], axes), options
+        )
+        if not axes:
+            return lse, label_logit
+        top = jax.lax.pmax(lse, axes)
+        top_safe = jnp.where(jnp.isfinite(top), top, 0.0)
+        lse = top_safe + jnp.log(jax.lax.psum(jnp.exp(lse - top_safe), axes))
+        return lse, jax.lax.psum(label_logit, axes)
+
+    return per_shard(
+        local, FORWARD_RULE, hidden, weight, labels, interpret=options.interpret, tpu=True
+    )
+
+
+def _sharded_backward(hidden, weight, labels, lse, dlse, dlabel, options):
+    def local(hidden, weight, labels, lse, dlse, dlabel, *, plan):
+        labels = _local_labels(labels, weight.shape[1], plan.get("v", ()))
+        return _backward(hidden, weight, labels, lse, dlse, dlabel, options)
+
+    return per_shard(
+        local,
+        BACKWARD_RULE,
+        hidden,
+        weight,
+        labels,
+        lse,
+        dlse,
+        dlabel,
+        interpret=options.interpret,
+        tpu=True,
+    )
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def lse_and_label_logits(hidden, weight, labels, options: Options):
-    """hidden [T, D], weight [D, V], labels [T] -> (lse [T], label logit [T]), f32."""
-    return _forward(hidden, weight, labels, options)
+    """hidden [T, D], weight [D, V], labels [T] -> (lse [T], label logit [T]), f32; the
+    kernels run per shard of the tokens and of the vocabulary."""
+    return _sharded_forward(hidden, weight, labels, options)
 
 
 def _fwd(hidden, weight, labels, options):
-    lse, label_logit = _forward(hidden, weight, labels, options)
+    lse, label_logit = _sharded_forward(hidden, weight, labels, options)
     return (lse, label_logit), (hidden, weight, labels, lse)
 
 
 def _bwd(options, residuals, cotangents):
     hidden, weight, labels, lse = residuals
     dlse, dlabel = cotangents
-    dhidden, dweight = _backward(hidden, weight, labels, lse, dlse, dlabel, options)
+    dhidden, dweight = _sharded_backward(hidden, weight, labels, lse, dlse, dlabel, options)
     return dhidden, dweight, None
 
 

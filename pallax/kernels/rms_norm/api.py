@@ -74,9 +74,9 @@ def _rms_norm(x, scale, *, eps, scale_offset, mode, block_sizes):
     x_rd = x.reshape(-1, x.shape[-1])  # [R, D]
     if mode.implementation == "xla":
         y_rd = xla.rms_norm(x_rd, scale, xla.Options(eps, scale_offset))
-    elif mode.implementation == "pallas_tpu":
+    elif mode.implementation == "pallas_tpu":  # partitioned per shard of x's own rows
         options = pallas_tpu.Options(eps, scale_offset, block_sizes, mode.interpret)
-        y_rd = pallas_tpu.rms_norm(x_rd, scale, options)
+        return pallas_tpu.rms_norm(x, scale, options)
     else:
         options = pallas_mosaic_gpu.Options(eps, scale_offset, block_sizes, mode.interpret)
         y_rd = pallas_mosaic_gpu.rms_norm(x_rd, scale, options)

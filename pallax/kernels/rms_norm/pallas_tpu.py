@@ -24,6 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallax.kernels._dispatch import InterpretConfig, tpu_interpret_params
+from pallax.kernels._partition import Rule, per_shard
 from pallax.kernels.rms_norm import xla
 from pallax.kernels.rms_norm.config import RmsNormBlockSizes
 
@@ -131,19 +132,48 @@ def _backward(x, scale, dy, options: Options) -> tuple[jax.Array, jax.Array]:
     return dx, dscale.astype(scale.dtype)
 
 
+# Rows (every leading dimension) shard over any mesh axes; the normalised axis must
+# be whole on each device. The kernels see each device's rows flattened to [R, D].
+_UNSHARDABLE = (("d", "the normalised feature axis"),)
+
+
+def _rules(ndim: int) -> tuple[Rule, Rule]:
+    x = " ".join(f"r{i}" for i in range(ndim - 1)) + " d"
+    forward = Rule("rms_norm", (x, "d"), (x,), ("x", "scale"), _UNSHARDABLE)
+    backward = Rule(  # dscale lacks the rows: summed over the devices that split them
+        "rms_norm (backward)", (x, "d", x), (x, "d"), ("x", "scale", "dy"), _UNSHARDABLE
+    )
+    return forward, backward
+
+
+def _sharded_forward(x, scale, options):
+    def local(x, scale):
+        return (_forward(x.reshape(-1, x.shape[-1]), scale, options).reshape(x.shape),)
+
+    return per_shard(local, _rules(x.ndim)[0], x, scale, interpret=options.interpret, tpu=True)[0]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def rms_norm(x: jax.Array, scale: jax.Array, options: Options) -> jax.Array:
-    """x: [R, D], scale: [D] -> [R, D] in x.dtype."""
-    return _forward(x, scale, options)
+    """x: [..., D], scale: [D] -> x's shape and dtype; the kernels run per shard of the
+    rows, on each device's rows flattened to [R, D]."""
+    return _sharded_forward(x, scale, options)
 
 
 def _fwd(x, scale, options):
-    return _forward(x, scale, options), (x, scale)
+    return _sharded_forward(x, scale, options), (x, scale)
 
 
 def _bwd(options, residuals, dy):
     x, scale = residuals
-    return _backward(x, scale, dy, options)
+
+    def local(x, scale, dy):
+        dx, dscale = _backward(
+            x.reshape(-1, x.shape[-1]), scale, dy.reshape(-1, dy.shape[-1]), options
+        )
+        return dx.reshape(x.shape), dscale
+
+    return per_shard(local, _rules(x.ndim)[1], x, scale, dy, interpret=options.interpret, tpu=True)
 
 
 rms_norm.defvjp(_fwd, _bwd)
