@@ -84,6 +84,27 @@ def matmul(interpret: bool, a, b, *, a_in_smem: bool, transpose_b=False, acc=Non
     return pl.run_state(accumulate)(plgpu.ACC.init(acc))
 
 
+def iota(n: int, axis: int):
+    """0..n-1 along the rows (axis 0) or columns (axis 1) of a WGMMA tile, as a vector in
+    the row or column layout: a thread holds 2 or n / 4 of its values, where an iota
+    over a [64, n] tile would take n / 2 registers."""
+    return plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=ROW if axis == 0 else COL)
+
+
+def query_positions(g: int, row0, axis: int):
+    """Positions of the 64 packed rows from row0 (a multiple of 64; row = t * G + g) as a
+    row (axis 0) or column (axis 1) vector: row0 / G + iota / G, the per-thread part a
+    pattern the compiler folds rather than registers it keeps across the loop."""
+    shift = g.bit_length() - 1
+    rows = jax.lax.shift_right_logical(iota(BLOCK_Q, axis), shift)
+    return jax.lax.shift_right_logical(row0, shift) + rows
+
+
+def along(x, shape, axis: int):
+    """A row (axis 0) or column (axis 1) vector broadcast over a WGMMA tile of ``shape``."""
+    return jax.lax.broadcast_in_dim(x, shape, (axis,))
+
+
 def copy_in(copies, bars) -> None:
     """Copies [(GMEM ref, SMEM ref) or None, ...] in, on ``bars`` 0, 1, ..., and waits for
     them all (the operands a CTA loads once, before its pipeline starts)."""
@@ -95,12 +116,19 @@ def copy_in(copies, bars) -> None:
 
 
 def smem(shape, dtype):
-    swizzle = 128  # bytes: rows of 64 bf16/f16 elements
+    """A tiled, swizzled SMEM buffer: what TMA and wgmma want, and the only form of a
+    [64, block_kv] bias/mask tile that layout inference solves for a WGMMA-layout load."""
+    swizzle = min(128, shape[-1] * jnp.dtype(dtype).itemsize)  # bytes per 8-row tile row
     transforms = (
         plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
         plgpu.SwizzleTransform(swizzle),
     )
     return plgpu.SMEM(shape, dtype, transforms=transforms)
+
+
+def logit_tiles(on: bool, shape, dtype):
+    """Double-buffered bias (f32) or mask (int8) tiles, or a dummy when there are none."""
+    return smem(shape, dtype) if on else plgpu.SMEM((8,), jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +143,7 @@ class Packed:
     kv_seg: jax.Array  # [B, s_pad] (or a dummy)
     segments: bool
     bias: jax.Array | None = None  # [B|1, K, rows_p, s_pad]
-    mask: jax.Array | None = None  # [B|1, K, rows_p, s_pad] in q's dtype, 1 = attend
+    mask: jax.Array | None = None  # [B|1, K, rows_p, s_pad] int8, 1 = attend
 
     def tiles(self):
         """(bias, mask) operands: the packed arrays, or 1-element dummies."""
@@ -178,7 +206,7 @@ def pack(q, k, v, aux, *, s_multiple: int, s_min: int, bias=None, mask=None) -> 
     return Packed(
         pack_rows(q, kh, rows_p), k, v, lens, q_seg, kv_seg, segments,
         None if bias is None else logit(bias, dtype=jnp.float32),
-        None if mask is None else logit(mask, dtype=q.dtype),
+        None if mask is None else logit(mask, dtype=jnp.int8),
     )  # fmt: skip
 
 
@@ -203,6 +231,7 @@ class BwdStatic:
     mask: bool = False
     bias_batch: bool = True
     kv_blocks: int = 0
+    dkv_parts: int = 1  # dkv CTAs per key block, each owning H / dkv_parts columns
 
 
 def logits(st, raw, bias=None):
@@ -214,13 +243,14 @@ def logits(st, raw, bias=None):
     return s
 
 
-def d_logits(st, p, dp, delta, s):
-    """dL/dz for the logits z = scale * q.k + bias, through the softmax and the soft cap
-    (= dL/dbias; dL/d(q.k) is this times the scale)."""
-    ds = p * (dp - delta)
-    if st.soft_cap is not None:
-        ds = ds * (1.0 - jnp.square(s / st.soft_cap))
-    return ds
+def logit_grad_weight(st, p, s):
+    """w with dL/dz = w * (dP - delta) for the logits z = scale * q.k + bias (= dL/dbias;
+    dL/d(q.k) is this times the scale): the probabilities p, times the soft cap's
+    derivative at the capped logits s. Taken before dP is computed, so that s and p
+    do not both stay live in registers beside it."""
+    if st.soft_cap is None:
+        return p
+    return p * (1.0 - jnp.square(s / st.soft_cap))
 
 
 def q_block_range(st, k0, q_len, kv_len):

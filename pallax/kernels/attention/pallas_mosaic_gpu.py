@@ -23,10 +23,18 @@ copies, block ranges, masks and softmax bookkeeping are tested on CPU; the
 wgmma path is verified on a real GPU (tests marked ``gpu``).
 
 Bias and mask arrays are packed like the queries ([B|1, K, T*G, S]: broadcast
-over heads, a copy) and streamed as [64, block_kv] tiles beside K/V; with them
-block_kv must be 64 (SMEM). Not taken by this kernel (``unsupported_reason``;
-``implementation=None`` then uses XLA): float32 inputs, head sizes not a multiple
-of 64, groups G that do not divide 64.
+over heads, a copy; the mask as int8) and streamed as [64, block_kv] f32 / int8
+tiles in swizzled SMEM beside K/V (layout inference finds no WGMMA-layout load
+for an unswizzled bf16 mask tile); K/V are then padded to whole blocks, since a
+swizzled tile's key offset must be a multiple of its width. Per-row and per-column
+values (positions, segments, statistics) stay vectors until a step broadcasts them:
+the [64, block_kv] tiles live at once are what decides whether ptxas spills.
+
+Not taken by this kernel (``unsupported_reason``; ``implementation=None`` then
+uses XLA): float32 inputs, head sizes not a multiple of 64, groups G that do not
+divide 64, and configurations whose forward, dq or dkv kernel would need more
+than the 227 KiB of SMEM of a Hopper CTA (counted from the kernels' own
+allocations, ``smem_needs``: e.g. H=256 with block_kv=128, or H=256 with a bias).
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallax.kernels._mgpu import lookup
+from pallax.kernels._mgpu import SMEM_BYTES, lookup, smem_bytes, tma_table_shape
 from pallax.kernels.attention import pallas_mosaic_gpu_bwd, xla
 from pallax.kernels.attention._mgpu_tiles import (
     BLOCK_Q,
@@ -47,11 +55,15 @@ from pallax.kernels.attention._mgpu_tiles import (
     ROW,
     WG,
     Static,
+    along,
     copy_in,
     interpret_params,
+    iota,
     kv_block_range,
+    logit_tiles,
     matmul,
     pack,
+    query_positions,
     smem,
     unpack_rows,
 )
@@ -61,8 +73,6 @@ from pallax.kernels.attention.masks import allowed
 def unsupported_reason(q_shape, k_shape, dtype, *, bias, mask, block_kv: int) -> str | None:
     n, h, kh = q_shape[2], q_shape[3], k_shape[2]
     g = n // kh
-    if (bias is not None or mask is not None) and block_kv != 64:
-        return f"with bias or mask arrays block_kv must be 64 (SMEM), got {block_kv}"
     if jnp.dtype(dtype) not in map(jnp.dtype, (jnp.bfloat16, jnp.float16)):
         return f"dtype {jnp.dtype(dtype)} must be bfloat16 or float16 (wgmma)"
     if h % 64 or h > 256:
@@ -71,11 +81,52 @@ def unsupported_reason(q_shape, k_shape, dtype, *, bias, mask, block_kv: int) ->
         return f"the group size N/K={g} must divide {BLOCK_Q}"
     if block_kv not in (64, 128):
         return f"block_kv={block_kv} must be 64 or 128"
-    return None
+    on = dict(bias=bias is not None, mask=mask is not None)
+    needs = smem_needs(q_shape[0], h, block_kv, dtype, **on)
+    over = [f"{name} {need} B" for name, need in needs.items() if need > SMEM_BYTES]
+    if not over:
+        return None
+    extras = " and ".join(name for name, x in on.items() if x)
+    fix = "implementation='xla'"
+    if block_kv != 64 and max(smem_needs(q_shape[0], h, 64, dtype, **on).values()) <= SMEM_BYTES:
+        fix = "block_sizes=AttentionBlockSizes(64, 64)"
+    return (
+        f"H={h}, block_kv={block_kv}{' with ' + extras if extras else ''} needs more SMEM "
+        f"than the {SMEM_BYTES} B (227 KiB) of a Hopper CTA ({', '.join(over)}); use {fix}"
+    )
+
+
+def smem_needs(b: int, h: int, block_kv: int, dtype, *, bias: bool, mask: bool) -> dict:
+    """Dynamic SMEM bytes of the forward, dq and dkv kernels for batch ``b`` (the
+    lengths table), from the allocations the kernels make."""
+    bwd = pallas_mosaic_gpu_bwd
+    return {
+        "forward": smem_bytes(
+            _scratch(b, h, block_kv, dtype, bias=bias, mask=mask), reduction_bytes=16 * block_kv
+        ),
+        "dq": smem_bytes(bwd.dq_scratch(b, h, dtype, bias=bias, mask=mask)),
+        "dkv": smem_bytes(bwd.dkv_scratch(b, h, dtype, bias=bias, mask=mask)),
+    }
+
+
+def _scratch(b: int, h: int, bk: int, dtype, *, bias: bool, mask: bool) -> tuple:
+    """The forward's SMEM, in the order of ``scoped``'s arguments."""
+    return (
+        plgpu.SMEM(tma_table_shape(2 * b), jnp.int32),  # (q_len, kv_len) per sequence
+        smem((BLOCK_Q, h), dtype),  # Q, then the output
+        smem((2, bk, h), dtype),  # K, two slots
+        smem((2, bk, h), dtype),  # V
+        plgpu.SMEM((BLOCK_Q,), jnp.int32),  # query segments
+        plgpu.SMEM((2, bk), jnp.int32),  # key segments
+        logit_tiles(bias, (2, BLOCK_Q, bk), jnp.float32),
+        logit_tiles(mask, (2, BLOCK_Q, bk), jnp.int8),
+        plgpu.SMEM((BLOCK_Q,), jnp.float32),  # log-sum-exp
+        plgpu.Barrier(num_barriers=13),
+    )
 
 
 def _kernel(st: Static):
-    bk, h, shift = st.bk, st.h, st.g.bit_length() - 1
+    bk, h = st.bk, st.h
 
     def body(lens_gmem, q_gmem, k_gmem, v_gmem, qseg_gmem, kvseg_gmem, bias_gmem, mask_gmem,
              out_gmem, lse_gmem):  # fmt: skip
@@ -125,13 +176,10 @@ def _kernel(st: Static):
             def _prefetch():
                 issue(first, 0)
 
-            q_pos = jax.lax.shift_right_logical(
-                row0 + plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, bk), 0, layout=WG), shift
-            )
-            q_seg = None
-            if st.segments:
-                q_seg_rows = plgpu.load(qseg_smem, layout=ROW)
-                q_seg = jax.lax.broadcast_in_dim(q_seg_rows, (BLOCK_Q, bk), (0,))
+            # Positions and segments stay row / column vectors until broadcast in a step.
+            rows_of = functools.partial(along, shape=(BLOCK_Q, bk), axis=0)
+            cols_of = functools.partial(along, shape=(BLOCK_Q, bk), axis=1)
+            q_pos = query_positions(st.g, row0, 0)
 
             def step(j, carry):
                 acc, m, denom = carry
@@ -152,20 +200,21 @@ def _kernel(st: Static):
                     s = s + plgpu.load(bias_smem.at[slot], layout=WG).astype(jnp.float32)
                 if st.soft_cap is not None:
                     s = st.soft_cap * jnp.tanh(s / st.soft_cap)
-                k_pos = start_of(j) + plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, bk), 1, layout=WG)
-                kv_seg = None
+                k_pos = cols_of(start_of(j) + iota(bk, 1))
+                q_seg = kv_seg = None
                 if st.segments:
                     plgpu.barrier_wait(bars.at[7 + slot])
-                    kv_seg_cols = plgpu.load(kvseg_smem.at[slot], layout=COL)
-                    kv_seg = jax.lax.broadcast_in_dim(kv_seg_cols, (BLOCK_Q, bk), (1,))
+                    q_seg = rows_of(plgpu.load(qseg_smem, layout=ROW))
+                    kv_seg = cols_of(plgpu.load(kvseg_smem.at[slot], layout=COL))
                 ok = allowed(
-                    st.spec, q_pos, k_pos, q_len=q_len, kv_len=kv_len, q_seg=q_seg, kv_seg=kv_seg
-                )
+                    st.spec, rows_of(q_pos), k_pos, q_len=q_len, kv_len=kv_len, q_seg=q_seg,
+                    kv_seg=kv_seg,
+                )  # fmt: skip
                 ok = ok & (k_pos >= j * bk)  # rows of a moved-back block seen before
-                if st.mask:
-                    plgpu.barrier_wait(bars.at[11 + slot])
-                    ok = ok & (plgpu.load(mask_smem.at[slot], layout=WG) != 0)
                 s = jnp.where(ok, s, -jnp.inf)
+                if st.mask:  # apart from ok: fewer [64, bk] predicates live at once
+                    plgpu.barrier_wait(bars.at[11 + slot])
+                    s = jnp.where(plgpu.load(mask_smem.at[slot], layout=WG) != 0, s, -jnp.inf)
                 m_new = jnp.maximum(m, jnp.max(s, axis=1))
                 m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
                 p = jnp.exp(s - jax.lax.broadcast_in_dim(m_safe, s.shape, (0,)))
@@ -203,7 +252,10 @@ def forward(q, k, v, bias, mask, aux, options: xla.Options):
     """(out [B, T, N, H], lse [B, K, rows_p] f32 per packed row)."""
     b, t, n, h = q.shape
     kh, bk = k.shape[2], options.block_kv
-    pk = pack(q, k, v, aux, s_multiple=8, s_min=bk, bias=bias, mask=mask)
+    # Swizzled bias/mask tiles need key offsets that are multiples of the tile width:
+    # with them K/V are padded to whole blocks (the last block is never moved back).
+    multiple = bk if bias is not None or mask is not None else 8
+    pk = pack(q, k, v, aux, s_multiple=multiple, s_min=bk, bias=bias, mask=mask)
     rows_p = pk.q_rows.shape[2]
     bias_t, mask_t = pk.tiles()
     st = Static(
@@ -213,20 +265,10 @@ def forward(q, k, v, bias, mask, aux, options: xla.Options):
     )  # fmt: skip
     body = _kernel(st)
 
+    scratch = _scratch(b, h, bk, q.dtype, bias=st.bias, mask=st.mask)
+
     def kernel(*refs):
-        pl.run_scoped(
-            body(*refs),
-            plgpu.SMEM(pk.lens.shape[1:], jnp.int32),
-            smem((BLOCK_Q, h), q.dtype),
-            smem((2, bk, h), k.dtype),
-            smem((2, bk, h), v.dtype),
-            plgpu.SMEM((BLOCK_Q,), jnp.int32),
-            plgpu.SMEM((2, bk), jnp.int32),
-            plgpu.SMEM((2, BLOCK_Q, bk) if st.bias else (8,), jnp.float32),
-            plgpu.SMEM((2, BLOCK_Q, bk) if st.mask else (8,), q.dtype),
-            plgpu.SMEM((BLOCK_Q,), jnp.float32),
-            plgpu.Barrier(num_barriers=13),
-        )
+        pl.run_scoped(body(*refs), *scratch)
 
     out, lse = plgpu.kernel(
         kernel,
@@ -236,7 +278,7 @@ def forward(q, k, v, bias, mask, aux, options: xla.Options):
         ),
         grid=(b, kh, rows_p // BLOCK_Q),
         grid_names=("b", "k", "rows"),
-        compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=4 * 4 * bk),
+        compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=16 * bk),
         interpret=interpret_params(options),
     )(pk.lens, pk.q_rows, pk.k, pk.v, pk.q_seg, pk.kv_seg, bias_t, mask_t)
     return unpack_rows(out, t, n), lse

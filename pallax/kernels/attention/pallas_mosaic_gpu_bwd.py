@@ -9,6 +9,9 @@ log-sum-exp, with delta = rowsum(dO * O) computed by XLA beforehand:
   dkv kernel, grid (B, K, 64-row K/V blocks), walking query blocks, in transposed
   form so that every wgmma operand is an SMEM tile or a register tile:
       S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T, dS^T, dK += dS^T Q
+  With H = 256 the two f32 accumulators [64, H] alone would need all 255 registers
+  of a thread: two CTAs share a key block (three for H = 192), each recomputing
+  S^T and dP^T and owning 128 (64) columns of dK and dV.
 
 A query block holds all the query heads of the group (the packed rows), so dK
 and dV are summed over the heads of the group inside the kernel. Blocks that the
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallax.kernels._mgpu import lookup
+from pallax.kernels._mgpu import lookup, tma_table_shape
 from pallax.kernels.attention import _mgpu_tiles as tiles
 from pallax.kernels.attention import xla
 from pallax.kernels.attention.masks import allowed
@@ -36,8 +39,6 @@ _WG, _ROW, _COL = tiles.WG, tiles.ROW, tiles.COL
 
 
 def _dq_kernel(st: tiles.BwdStatic, fst: tiles.Static):
-    shift = st.g.bit_length() - 1
-
     def body(lens, q_g, k_g, v_g, do_g, lse_g, delta_g, qseg_g, kvseg_g, bias_g, mask_g, _bt,
              _mt, dq_g, dbias_g):  # fmt: skip
         b, kh = jax.lax.axis_index("b"), jax.lax.axis_index("k")
@@ -81,15 +82,13 @@ def _dq_kernel(st: tiles.BwdStatic, fst: tiles.Static):
             def _prefetch():
                 issue(first, 0)
 
-            lse = jax.lax.broadcast_in_dim(plgpu.load(lse_s, layout=_ROW), (B, B), (0,))
-            delta = jax.lax.broadcast_in_dim(plgpu.load(delta_s, layout=_ROW), (B, B), (0,))
-            iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, (B, B), layout=_WG)
-            q_pos = jax.lax.shift_right_logical(row0 + iota(0), shift)
-            q_seg = None
-            if st.segments:
-                q_seg = jax.lax.broadcast_in_dim(plgpu.load(qseg_s, layout=_ROW), (B, B), (0,))
+            rows_of = functools.partial(tiles.along, shape=(B, B), axis=0)
+            cols_of = functools.partial(tiles.along, shape=(B, B), axis=1)
+            per_row = lambda ref: rows_of(plgpu.load(ref, layout=_ROW))
 
             def step(j, dq):
+                # Per-row values are reloaded or recomputed each step, not held as [64, 64]
+                # tiles across the loop (32 registers each).
                 slot = jax.lax.rem(j - first, 2)
 
                 @pl.when(j < last)
@@ -108,21 +107,22 @@ def _dq_kernel(st: tiles.BwdStatic, fst: tiles.Static):
                 kv_seg = None
                 if st.segments:
                     plgpu.barrier_wait(bars.at[10 + slot])
-                    kv_seg = plgpu.load(kvseg_s.at[slot], layout=_COL)
-                    kv_seg = jax.lax.broadcast_in_dim(kv_seg, (B, B), (1,))
+                    kv_seg = cols_of(plgpu.load(kvseg_s.at[slot], layout=_COL))
+                q_pos = rows_of(tiles.query_positions(st.g, row0, 0))
                 ok = allowed(
-                    st.spec, q_pos, j * B + iota(1), q_len=q_len, kv_len=kv_len,
-                    q_seg=q_seg, kv_seg=kv_seg,
+                    st.spec, q_pos, cols_of(j * B + tiles.iota(B, 1)), q_len=q_len,
+                    kv_len=kv_len, q_seg=per_row(qseg_s) if st.segments else None, kv_seg=kv_seg,
                 )  # fmt: skip
-                if st.mask:
+                p = jnp.where(ok, jnp.exp(s - per_row(lse_s)), 0.0)
+                if st.mask:  # applied apart from ok: fewer [64, 64] predicates live at once
                     plgpu.barrier_wait(bars.at[14 + slot])
-                    ok = ok & (plgpu.load(mask_s.at[slot], layout=_WG) != 0)
-                p = jnp.where(ok, jnp.exp(s - lse), 0.0)
+                    p = jnp.where(plgpu.load(mask_s.at[slot], layout=_WG) != 0, p, 0.0)
+                weight = tiles.logit_grad_weight(st, p, s)
                 plgpu.barrier_wait(bars.at[8 + slot])
                 dp = tiles.matmul(
                     st.interpret, do_s, v_s.at[slot], a_in_smem=True, transpose_b=True, shape=(B, B)
                 )
-                dz = tiles.d_logits(st, p, dp, delta, s)
+                dz = weight * (dp - per_row(delta_s))
                 if st.bias:  # the tile's dL/dbias; the previous tile's store must have read
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     dbias_s[...] = dz
@@ -159,12 +159,13 @@ def _dq_kernel(st: tiles.BwdStatic, fst: tiles.Static):
 
 
 def _dkv_kernel(st: tiles.BwdStatic):
-    shift = st.g.bit_length() - 1
-
     def body(lens, q_g, k_g, v_g, do_g, lse_g, delta_g, qseg_g, kvseg_g, _b, _m, bias_t_g,
              mask_t_g, dk_g, dv_g):  # fmt: skip
         b, kh = jax.lax.axis_index("b"), jax.lax.axis_index("k")
-        k0 = jax.lax.axis_index("keys") * B
+        block, part = jnp.divmod(jax.lax.axis_index("keys"), st.dkv_parts)
+        k0 = block * B
+        hp = st.h // st.dkv_parts  # the columns of dK and dV this CTA owns
+        cols = slice(None) if st.dkv_parts == 1 else pl.ds(part * hp, hp)
         bb = b if st.bias_batch else 0
 
         def scoped(lens_s, k_s, v_s, kvseg_s, q_s, do_s, lse_s, delta_s, qseg_s, bias_s, mask_s,
@@ -204,11 +205,9 @@ def _dkv_kernel(st: tiles.BwdStatic):
             def _prefetch():
                 issue(first, 0)
 
-            iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, (B, B), layout=_WG)
-            k_pos = k0 + iota(0)  # rows: keys; columns: query rows
-            kv_seg = None
-            if st.segments:
-                kv_seg = jax.lax.broadcast_in_dim(plgpu.load(kvseg_s, layout=_ROW), (B, B), (0,))
+            rows_of = functools.partial(tiles.along, shape=(B, B), axis=0)
+            cols_of = functools.partial(tiles.along, shape=(B, B), axis=1)
+            per_col = lambda ref: cols_of(plgpu.load(ref, layout=_COL))
 
             def step(i, carry):
                 dk, dv = carry
@@ -228,45 +227,97 @@ def _dkv_kernel(st: tiles.BwdStatic):
                     plgpu.barrier_wait(bars.at[14 + slot])
                     bias_t = plgpu.load(bias_s.at[slot], layout=_WG).astype(jnp.float32)
                 s_t = tiles.logits(st, raw_t, bias_t)
-                q_pos = jax.lax.shift_right_logical(i * B + iota(1), shift)
-                q_seg = None
+                # rows: keys; columns: query rows (recomputed each step, not held in registers)
+                q_pos = cols_of(tiles.query_positions(st.g, i * B, 1))
+                q_seg = kv_seg = None
                 if st.segments:
                     plgpu.barrier_wait(bars.at[12 + slot])
-                    q_seg = plgpu.load(qseg_s.at[slot], layout=_COL)
-                    q_seg = jax.lax.broadcast_in_dim(q_seg, (B, B), (1,))
+                    q_seg = per_col(qseg_s.at[slot])
+                    kv_seg = rows_of(plgpu.load(kvseg_s, layout=_ROW))
                 ok = allowed(
-                    st.spec, q_pos, k_pos, q_len=q_len, kv_len=kv_len, q_seg=q_seg, kv_seg=kv_seg
-                )
+                    st.spec, q_pos, rows_of(k0 + tiles.iota(B, 0)), q_len=q_len, kv_len=kv_len,
+                    q_seg=q_seg, kv_seg=kv_seg,
+                )  # fmt: skip
+                p_t = jnp.where(ok, jnp.exp(s_t - per_col(lse_s.at[slot])), 0.0)
                 if st.mask:
                     plgpu.barrier_wait(bars.at[16 + slot])
-                    ok = ok & (plgpu.load(mask_s.at[slot], layout=_WG) != 0)
-                lse = plgpu.load(lse_s.at[slot], layout=_COL)
-                p_t = jnp.where(ok, jnp.exp(s_t - jax.lax.broadcast_in_dim(lse, (B, B), (1,))), 0.0)
+                    p_t = jnp.where(plgpu.load(mask_s.at[slot], layout=_WG) != 0, p_t, 0.0)
+                weight_t = tiles.logit_grad_weight(st, p_t, s_t)
                 dv = tiles.matmul(
-                    st.interpret, p_t.astype(k_s.dtype), do_s.at[slot], a_in_smem=False, acc=dv
-                )
+                    st.interpret, p_t.astype(k_s.dtype), do_s.at[slot, :, cols], a_in_smem=False,
+                    acc=dv,
+                )  # fmt: skip
                 dp_t = tiles.matmul(
                     st.interpret, v_s, do_s.at[slot], a_in_smem=True, transpose_b=True, shape=(B, B)
                 )
-                delta = plgpu.load(delta_s.at[slot], layout=_COL)
-                delta = jax.lax.broadcast_in_dim(delta, (B, B), (1,))
-                ds_t = (tiles.d_logits(st, p_t, dp_t, delta, s_t) * st.scale).astype(k_s.dtype)
-                dk = tiles.matmul(st.interpret, ds_t, q_s.at[slot], a_in_smem=False, acc=dk)
+                dz_t = weight_t * (dp_t - per_col(delta_s.at[slot]))
+                ds_t = (dz_t * st.scale).astype(k_s.dtype)
+                dk = tiles.matmul(
+                    st.interpret, ds_t, q_s.at[slot, :, cols], a_in_smem=False, acc=dk
+                )
                 plgpu.commit_smem()  # every thread is done with the slot before it refills
                 return dk, dv
 
-            zeros = plgpu.layout_cast(jnp.zeros((B, st.h), jnp.float32), _WG)
+            zeros = plgpu.layout_cast(jnp.zeros((B, hp), jnp.float32), _WG)
             dk, dv = jax.lax.fori_loop(first, last + 1, step, (zeros, zeros))
-            k_s[...] = dk.astype(k_s.dtype)  # the K and V tiles become the dK and dV tiles
-            v_s[...] = dv.astype(v_s.dtype)
+            k_s.at[:, :hp][...] = dk.astype(k_s.dtype)  # K and V become dK and dV
+            v_s.at[:, :hp][...] = dv.astype(v_s.dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(k_s, dk_g.at[b, kh, keys])
-            plgpu.copy_smem_to_gmem(v_s, dv_g.at[b, kh, keys])
+            # TMA reads contiguous SMEM: H / dkv_parts columns of a tiled [64, H] tile are
+            # contiguous 8 rows at a time.
+            chunk = B if st.dkv_parts == 1 else 8
+            for r in range(0, B, chunk):
+                rows, out = pl.ds(r, chunk), pl.ds(k0 + r, chunk)
+                plgpu.copy_smem_to_gmem(k_s.at[rows, :hp], dk_g.at[b, kh, out, cols])
+                plgpu.copy_smem_to_gmem(v_s.at[rows, :hp], dv_g.at[b, kh, out, cols])
             plgpu.wait_smem_to_gmem(0)
 
         return scoped
 
     return body
+
+
+def dkv_parts(h: int) -> int:
+    """dkv CTAs per key block: each owns at most 128 columns of dK and dV (whole 64-column
+    SMEM tiles), so that the two f32 accumulators fit in registers."""
+    return 1 if h <= 128 else (h // 128 if h % 128 == 0 else h // 64)
+
+
+def dq_scratch(b: int, h: int, dtype, *, bias: bool, mask: bool) -> tuple:
+    """The dq kernel's SMEM, in the order of its ``scoped``'s arguments."""
+    return (
+        plgpu.SMEM(tma_table_shape(2 * b), jnp.int32),  # (q_len, kv_len) per sequence
+        tiles.smem((B, h), dtype),  # Q, then dQ
+        tiles.smem((B, h), dtype),  # dO
+        tiles.smem((2, B, h), dtype),  # K, two slots
+        tiles.smem((2, B, h), dtype),  # V
+        plgpu.SMEM((B,), jnp.float32),  # log-sum-exp
+        plgpu.SMEM((B,), jnp.float32),  # delta
+        plgpu.SMEM((B,), jnp.int32),  # query segments
+        plgpu.SMEM((2, B), jnp.int32),  # key segments
+        tiles.logit_tiles(bias, (2, B, B), jnp.float32),
+        tiles.logit_tiles(mask, (2, B, B), jnp.int8),
+        tiles.logit_tiles(bias, (B, B), jnp.float32),  # the dbias tile
+        plgpu.Barrier(num_barriers=16),
+    )
+
+
+def dkv_scratch(b: int, h: int, dtype, *, bias: bool, mask: bool) -> tuple:
+    """The dkv kernel's SMEM, in the order of its ``scoped``'s arguments."""
+    return (
+        plgpu.SMEM(tma_table_shape(2 * b), jnp.int32),
+        tiles.smem((B, h), dtype),  # K, then dK
+        tiles.smem((B, h), dtype),  # V, then dV
+        plgpu.SMEM((B,), jnp.int32),  # key segments
+        tiles.smem((2, B, h), dtype),  # Q, two slots
+        tiles.smem((2, B, h), dtype),  # dO
+        plgpu.SMEM((2, B), jnp.float32),  # log-sum-exp
+        plgpu.SMEM((2, B), jnp.float32),  # delta
+        plgpu.SMEM((2, B), jnp.int32),  # query segments
+        tiles.logit_tiles(bias, (2, B, B), jnp.float32),  # transposed
+        tiles.logit_tiles(mask, (2, B, B), jnp.int8),
+        plgpu.Barrier(num_barriers=18),
+    )
 
 
 def _dbias_to(dbias_rows, bias, t, s, n):
@@ -294,7 +345,7 @@ def backward(q, k, v, bias, mask, aux, out, lse, dout, options: xla.Options):
     st = tiles.BwdStatic(
         n // kh, h, options.spec, options.scale, options.soft_cap, pk.segments,
         options.interpret is not None, rows_p, bias is not None, mask is not None,
-        max(bias_p.shape[0], mask_p.shape[0]) > 1, s_pad // B,
+        max(bias_p.shape[0], mask_p.shape[0]) > 1, s_pad // B, dkv_parts(h),
     )  # fmt: skip
     fst = tiles.Static(
         st.g, h, s_pad, B, options.spec, options.scale, options.soft_cap, pk.segments,
@@ -306,31 +357,15 @@ def backward(q, k, v, bias, mask, aux, out, lse, dout, options: xla.Options):
         transposed(bias_p) if st.bias else bias_p,
         transposed(mask_p) if st.mask else mask_p,
     )  # fmt: skip
-    lens_smem = plgpu.SMEM(pk.lens.shape[1:], jnp.int32)
-    tile_smem = lambda on, dtype: plgpu.SMEM((2, B, B) if on else (8,), dtype)
     params = dict(
-        compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=4 * 4 * B),
+        compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=16 * B),
         interpret=tiles.interpret_params(options),
     )
     dq_body = _dq_kernel(st, fst)
+    dq_smem = dq_scratch(b, h, q.dtype, bias=st.bias, mask=st.mask)
 
     def dq_kernel(*refs):
-        pl.run_scoped(
-            dq_body(*refs),
-            lens_smem,
-            tiles.smem((B, h), q.dtype),
-            tiles.smem((B, h), q.dtype),
-            tiles.smem((2, B, h), k.dtype),
-            tiles.smem((2, B, h), v.dtype),
-            plgpu.SMEM((B,), jnp.float32),
-            plgpu.SMEM((B,), jnp.float32),
-            plgpu.SMEM((B,), jnp.int32),
-            plgpu.SMEM((2, B), jnp.int32),
-            tile_smem(st.bias, jnp.float32),
-            tile_smem(st.mask, q.dtype),
-            plgpu.SMEM((B, B) if st.bias else (8,), jnp.float32),
-            plgpu.Barrier(num_barriers=16),
-        )
+        pl.run_scoped(dq_body(*refs), *dq_smem)
 
     dbias_shape = (b, kh, rows_p, s_pad) if st.bias else (1, 1, 1, 8)
     dq, dbias = plgpu.kernel(
@@ -344,23 +379,10 @@ def backward(q, k, v, bias, mask, aux, out, lse, dout, options: xla.Options):
         **params,
     )(*operands)
     dkv_body = _dkv_kernel(st)
+    dkv_smem = dkv_scratch(b, h, q.dtype, bias=st.bias, mask=st.mask)
 
     def dkv_kernel(*refs):
-        pl.run_scoped(
-            dkv_body(*refs),
-            lens_smem,
-            tiles.smem((B, h), k.dtype),
-            tiles.smem((B, h), v.dtype),
-            plgpu.SMEM((B,), jnp.int32),
-            tiles.smem((2, B, h), q.dtype),
-            tiles.smem((2, B, h), q.dtype),
-            plgpu.SMEM((2, B), jnp.float32),
-            plgpu.SMEM((2, B), jnp.float32),
-            plgpu.SMEM((2, B), jnp.int32),
-            tile_smem(st.bias, jnp.float32),
-            tile_smem(st.mask, q.dtype),
-            plgpu.Barrier(num_barriers=18),
-        )
+        pl.run_scoped(dkv_body(*refs), *dkv_smem)
 
     dk, dv = plgpu.kernel(
         dkv_kernel,
@@ -368,7 +390,7 @@ def backward(q, k, v, bias, mask, aux, out, lse, dout, options: xla.Options):
             jax.ShapeDtypeStruct((b, kh, s_pad, h), k.dtype),
             jax.ShapeDtypeStruct((b, kh, s_pad, h), v.dtype),
         ),
-        grid=(b, kh, s_pad // B),
+        grid=(b, kh, s_pad // B * st.dkv_parts),
         grid_names=("b", "k", "keys"),
         **params,
     )(*operands)
