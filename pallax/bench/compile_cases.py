@@ -169,6 +169,9 @@ TPU_FUSED = [
     rms_norm_case("rms_norm_8192x2560", 8192, 2560),
     gated_mlp_case("gated_mlp_8192x2560x20480", 8192, 2560, 20480),
     cross_entropy_case("linear_cross_entropy_8192x2560x256k", 8192, 2560, 256000),
+    # Nano-1's d_model on a vocabulary half (vocab split over tensor=2): overflowed v5p's
+    # 16 MiB by 272 KiB with the old fixed 256 x 512 tiles (found compiling the model step).
+    cross_entropy_case("linear_cross_entropy_8192x2048x128k", 8192, 2048, 128000),
 ]
 TPU_CASES = TPU_ATTENTION + TPU_DECODE + TPU_FUSED
 

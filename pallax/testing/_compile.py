@@ -198,6 +198,9 @@ def _load_tpu_plugin() -> None:
 
     if xla_client.pjrt_plugin_loaded("tpu"):
         return
+    # Compile-only use takes no chip: let several processes load libtpu (its lockfile
+    # would otherwise refuse a second one, e.g. a report beside the test suite).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     path = xla_bridge.get_tpu_library_path()
     if path is None:
         raise RuntimeError("no libtpu: pip install 'jax[tpu]' (the `compile` extra)")

@@ -6,6 +6,7 @@ import dataclasses
 import pathlib
 
 from pallax.kernels import _tuning
+from pallax.kernels._tpu_vmem import vmem_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +51,28 @@ def default_block_sizes(
         # A few [T, chunk] f32 temporaries live per step: 1024 columns keeps 8k
         # tokens at 32 MiB each.
         return LinearCrossEntropyBlockSizes(block_tokens=256, block_vocab=min(1024, vocab))
-    # TPU: the [block_tokens, D] accumulator (f32) and [D, block_vocab] weight tile
-    # (double-buffered) stay within ~8 MiB of VMEM for D <= 4096.
-    block_vocab = 512 if dim <= 2048 else 256
-    block_tokens = 256 if dim <= 2048 else 128
-    return LinearCrossEntropyBlockSizes(
-        block_tokens=min(block_tokens, -(-tokens // 8) * 8),
-        block_vocab=min(block_vocab, -(-vocab // 128) * 128),
-    )
+    return _tpu_block_sizes(tokens, dim, vocab, device_kind)
+
+
+def tpu_vmem_bytes(blocks: LinearCrossEntropyBlockSizes, dim: int, itemsize: int = 2) -> int:
+    """Estimated scoped VMEM of the largest TPU kernel (d_weight): double-buffered
+    [bt, D] hidden, [D, bv] weight and d_weight tiles, the [D, bv] f32 accumulator,
+    four [bt, 1] f32 columns padded to 128 lanes, and ~2 [bt, bv] f32 logit tiles.
+    libtpu reported 16.27 MiB at D = 2048, 256 x 512 bf16 (this gives 16.5)."""
+    bt, bv = blocks.block_tokens, blocks.block_vocab
+    tiles = 2 * bt * dim * itemsize + 4 * dim * bv * itemsize + dim * bv * 4
+    return tiles + 8 * bt * 128 * 4 + 2 * bt * bv * 4
+
+
+def _tpu_block_sizes(tokens: int, dim: int, vocab: int, device_kind: str | None):
+    """The largest tiles (block_vocab first) within 75% of the chip's default scoped VMEM."""
+    budget = int(0.75 * vmem_of(device_kind).scoped_default)
+    for bv in (1024, 512, 256, 128):
+        for bt in (512, 256, 128, 64, 32, 16, 8):
+            blocks = LinearCrossEntropyBlockSizes(
+                block_tokens=min(bt, -(-tokens // 8) * 8),
+                block_vocab=min(bv, -(-vocab // 128) * 128),
+            )
+            if tpu_vmem_bytes(blocks, dim) <= budget and bt >= min(128, tokens):
+                return blocks
+    return LinearCrossEntropyBlockSizes(block_tokens=8, block_vocab=128)
