@@ -10,8 +10,9 @@ log-sum-exp, with delta = rowsum(dO * O) computed by XLA beforehand:
   form so that every wgmma operand is an SMEM tile or a register tile:
       S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T, dS^T, dK += dS^T Q
   With H = 256 the two f32 accumulators [64, H] alone would need all 255 registers
-  of a thread: two CTAs share a key block (three for H = 192), each recomputing
-  S^T and dP^T and owning 128 (64) columns of dK and dV.
+  of a thread: CTAs share a key block (``dkv_parts``), each recomputing S^T and dP^T
+  and owning 128 columns of dK and dV (64 for H = 192, or when a soft cap comes
+  with bias or mask tiles).
 
 A query block holds all the query heads of the group (the packed rows), so dK
 and dV are summed over the heads of the group inside the kernel. Blocks that the
@@ -277,10 +278,13 @@ def _dkv_kernel(st: tiles.BwdStatic):
     return body
 
 
-def dkv_parts(h: int) -> int:
+def dkv_parts(h: int, heavy: bool) -> int:
     """dkv CTAs per key block: each owns at most 128 columns of dK and dV (whole 64-column
-    SMEM tiles), so that the two f32 accumulators fit in registers."""
-    return 1 if h <= 128 else (h // 128 if h % 128 == 0 else h // 64)
+    SMEM tiles), so that the two f32 accumulators fit in registers beside a step's tiles;
+    at most 64 when a step is ``heavy`` (a soft cap with bias or mask tiles: more
+    [64, 64] tiles and predicates live at once, and ptxas spilled at 128)."""
+    cols = 64 if heavy else 128
+    return max(1, h // cols) if h % cols == 0 else h // 64
 
 
 def dq_scratch(b: int, h: int, dtype, *, bias: bool, mask: bool) -> tuple:
@@ -334,18 +338,15 @@ def backward(q, k, v, bias, mask, aux, out, lse, dout, options: xla.Options):
     pk = tiles.pack(q, k, v, aux, s_multiple=B, s_min=B, bias=bias, mask=mask)
     rows_p, s_pad = pk.q_rows.shape[2], pk.k.shape[1]
     do_rows = tiles.pack_rows(dout, kh, rows_p)
-    delta = jnp.einsum(
-        "bkrh,bkrh->bkr",
-        do_rows.astype(jnp.float32),
-        tiles.pack_rows(out, kh, rows_p).astype(jnp.float32),
-        preferred_element_type=jnp.float32,
-    )
+    out_rows = tiles.pack_rows(out, kh, rows_p).astype(jnp.float32)
+    delta = jnp.einsum("bkrh,bkrh->bkr", do_rows.astype(jnp.float32), out_rows)
     bias_p, mask_p = pk.tiles()
     transposed = lambda x: jnp.swapaxes(x, 2, 3)  # [.., rows_p, s_pad] -> [.., s_pad, rows_p]
     st = tiles.BwdStatic(
         n // kh, h, options.spec, options.scale, options.soft_cap, pk.segments,
         options.interpret is not None, rows_p, bias is not None, mask is not None,
-        max(bias_p.shape[0], mask_p.shape[0]) > 1, s_pad // B, dkv_parts(h),
+        max(bias_p.shape[0], mask_p.shape[0]) > 1, s_pad // B,
+        dkv_parts(h, options.soft_cap is not None and (bias is not None or mask is not None)),
     )  # fmt: skip
     fst = tiles.Static(
         st.g, h, s_pad, B, options.spec, options.scale, options.soft_cap, pk.segments,
@@ -361,8 +362,7 @@ def backward(q, k, v, bias, mask, aux, out, lse, dout, options: xla.Options):
         compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=16 * B),
         interpret=tiles.interpret_params(options),
     )
-    dq_body = _dq_kernel(st, fst)
-    dq_smem = dq_scratch(b, h, q.dtype, bias=st.bias, mask=st.mask)
+    dq_body, dq_smem = _dq_kernel(st, fst), dq_scratch(b, h, q.dtype, bias=st.bias, mask=st.mask)
 
     def dq_kernel(*refs):
         pl.run_scoped(dq_body(*refs), *dq_smem)
@@ -378,8 +378,7 @@ def backward(q, k, v, bias, mask, aux, out, lse, dout, options: xla.Options):
         grid_names=("b", "k", "rows"),
         **params,
     )(*operands)
-    dkv_body = _dkv_kernel(st)
-    dkv_smem = dkv_scratch(b, h, q.dtype, bias=st.bias, mask=st.mask)
+    dkv_body, dkv_smem = _dkv_kernel(st), dkv_scratch(b, h, q.dtype, bias=st.bias, mask=st.mask)
 
     def dkv_kernel(*refs):
         pl.run_scoped(dkv_body(*refs), *dkv_smem)
