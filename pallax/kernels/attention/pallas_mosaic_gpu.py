@@ -102,11 +102,17 @@ def smem_needs(b: int, h: int, block_kv: int, dtype, *, bias: bool, mask: bool) 
     bwd = pallas_mosaic_gpu_bwd
     return {
         "forward": smem_bytes(
-            _scratch(b, h, block_kv, dtype, bias=bias, mask=mask), reduction_bytes=16 * block_kv
+            _scratch(b, h, block_kv, dtype, bias=bias, mask=mask),
+            reduction_bytes=_reduction_bytes(block_kv),
         ),
         "dq": smem_bytes(bwd.dq_scratch(b, h, dtype, bias=bias, mask=mask)),
         "dkv": smem_bytes(bwd.dkv_scratch(b, h, dtype, bias=bias, mask=mask)),
     }
+
+
+def _reduction_bytes(bk: int) -> int:
+    """SMEM for the row reductions of a [64, bk] tile (f32 per column and warp)."""
+    return 4 * 4 * bk
 
 
 def _scratch(b: int, h: int, bk: int, dtype, *, bias: bool, mask: bool) -> tuple:
@@ -278,7 +284,7 @@ def forward(q, k, v, bias, mask, aux, options: xla.Options):
         ),
         grid=(b, kh, rows_p // BLOCK_Q),
         grid_names=("b", "k", "rows"),
-        compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=16 * bk),
+        compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=_reduction_bytes(bk)),
         interpret=interpret_params(options),
     )(pk.lens, pk.q_rows, pk.k, pk.v, pk.q_seg, pk.kv_seg, bias_t, mask_t)
     return unpack_rows(out, t, n), lse

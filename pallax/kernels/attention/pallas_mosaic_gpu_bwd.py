@@ -359,7 +359,7 @@ def backward(q, k, v, bias, mask, aux, out, lse, dout, options: xla.Options):
         transposed(mask_p) if st.mask else mask_p,
     )  # fmt: skip
     params = dict(
-        compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=16 * B),
+        compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=4 * 4 * B),
         interpret=tiles.interpret_params(options),
     )
     dq_body, dq_smem = _dq_kernel(st, fst), dq_scratch(b, h, q.dtype, bias=st.bias, mask=st.mask)
