@@ -28,7 +28,7 @@ OPTIONS = dict(
     lengths=True,
 )
 T = 8192  # compile time hardly depends on the sequence length
-BIAS_T = 4000  # dense [T, T] arrays; not a multiple of 64: K/V are padded to whole blocks
+BIAS_T = 4004  # dense [T, T] arrays; S % 8 != 0: K/V are padded to whole blocks
 BIAS, MASK = (1, 8, BIAS_T, BIAS_T), (1, 1, BIAS_T, BIAS_T)  # per head / shared by heads
 KV64 = AttentionBlockSizes(64, 64)
 KV128 = AttentionBlockSizes(64, 128)
