@@ -149,7 +149,9 @@ def plan(rule: Rule, specs: Sequence[PartitionSpec], shapes, mesh_shape) -> dict
                     f"(shard the batch or the heads instead, or replicate it: "
                     f"{name}.sharding={spec})"
                 )
-            if size(axes) > size(chosen.get(factor, ())) and factor not in tied:
+            current = chosen.get(factor, ())
+            # the most devices wins; a size-1 axis still beats none (Explicit types keep it)
+            if factor not in tied and (size(axes) > size(current) or (axes and not current)):
                 chosen[factor] = axes
     if "n" in dims or "k" in dims:
         n_axes, k_axes = chosen.get("n", ()), chosen.get("k", ())
@@ -218,6 +220,24 @@ def _explicit_mesh(operands):
         if mesh is not None and not mesh.empty and mesh.are_all_axes_explicit:
             return mesh
     return None
+
+
+def like_operands(results, operands) -> tuple:
+    """Gradients typed like their primal operands on Explicit meshes (a custom_vjp
+    backward must return exactly the operands' types); unchanged otherwise."""
+    return tuple(_like(r, x) for r, x in zip(results, operands, strict=True))
+
+
+def _like(result, operand):
+    if result is None or operand is None:
+        return result
+    sharding = getattr(jax.typeof(operand), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or not mesh.are_all_axes_explicit:
+        return result
+    if jax.typeof(result).sharding.spec == sharding.spec:
+        return result
+    return jax.sharding.reshard(result, sharding)
 
 
 def _context_mesh():

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -257,3 +259,42 @@ def test_indivisible_kv_heads_are_a_clear_error():
         pytest.raises(ValueError, match="2 key/value heads cannot be split over mesh axes"),
     ):
         pallax.dot_product_attention(q, k, k, implementation="pallas_tpu")
+
+
+@settings(max_examples=4)
+@given(
+    mesh_shape=st.sampled_from([(1, 8), (2, 4), (4, 2), (8, 1)]),
+    batch_axis=st.sampled_from([None, "data", "tensor", ("data", "tensor")]),
+    heads_axis=st.sampled_from([None, "data", "tensor"]),
+    kv_heads=st.sampled_from([1, 8]),
+    mode=st.sampled_from(MODES[:2]),
+)
+def test_attention_any_mesh_and_assignment(mesh_shape, batch_axis, heads_axis, kv_heads, mode):
+    """Hypothesis over mesh shapes and which dimension goes to which axis (a mesh axis
+    used twice is skipped: it cannot split two dimensions)."""
+    batch_axes = (batch_axis,) if isinstance(batch_axis, str) else batch_axis or ()
+    assume(heads_axis not in batch_axes)
+    mesh = _mesh(mesh_shape, ("data", "tensor"), mode)
+    b, t, n, h = 8, 128, 8, 64
+    q, k, v = (
+        _random(0, (b, t, n, h)),
+        _random(1, (b, t, kv_heads, h)),
+        _random(2, (b, t, kv_heads, h)),
+    )
+    q_spec = P(batch_axis, None, heads_axis)
+    kv_spec = q_spec if kv_heads > 1 else P(batch_axis)
+
+    def attend(impl):
+        return lambda q, k, v: pallax.dot_product_attention(
+            q, k, v, is_causal=True, logits_soft_cap=10.0, implementation=impl
+        )
+
+    _check(
+        mode,
+        mesh,
+        attend("pallas_tpu"),
+        attend("xla"),
+        [q, k, v],
+        [q_spec, kv_spec, kv_spec],
+        (0, 1, 2),
+    )

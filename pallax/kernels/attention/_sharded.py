@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pallax.kernels._partition import Rule, per_shard
+from pallax.kernels._partition import Rule, like_operands, per_shard
 
 _UNSHARDABLE = (
     ("t", "the query sequence"),
@@ -96,4 +96,5 @@ def backward(
     grads = per_shard(
         local, rule, *arrays, out, lse, dout, interpret=options.interpret, gpu=gpu, tpu=not gpu
     )
-    return (*grads, None) if bias is None else tuple(grads)
+    grads = (*grads, None) if bias is None else tuple(grads)
+    return like_operands(grads, (q, k, v, bias))

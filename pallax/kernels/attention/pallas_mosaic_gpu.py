@@ -47,7 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallax.kernels._mgpu import SMEM_BYTES, lookup, smem_bytes, tma_table_shape
-from pallax.kernels.attention import pallas_mosaic_gpu_bwd, xla
+from pallax.kernels.attention import _sharded, pallas_mosaic_gpu_bwd, xla
 from pallax.kernels.attention._mgpu_tiles import (
     BLOCK_Q,
     COL,
@@ -293,19 +293,38 @@ def forward(q, k, v, bias, mask, aux, options: xla.Options):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def attention(q, k, v, bias, mask, aux, options: xla.Options):
     """q [B,T,N,H], k/v [B,S,K,H]; bias/mask [B|1, N|1, T|1, S|1] or None;
-    aux = (q_len, kv_len, q_seg, kv_seg), as for the other backends."""
-    return forward(q, k, v, bias, mask, aux, options)[0]
+    aux = (q_len, kv_len, q_seg, kv_seg), as for the other backends. The kernels run per
+    shard of sharded inputs (``_sharded``)."""
+    return _sharded.forward(_forward_grouped, q, k, v, bias, mask, aux, options, gpu=True)[0]
+
+
+def _forward_grouped(q, k, v, bias, mask, aux, options):
+    """``forward`` with the log-sum-exp as [B, K, G, T, 1] (the per-shard layout of
+    ``_sharded``: a device holding some of a group's heads holds their rows)."""
+    out, lse = forward(q, k, v, bias, mask, aux, options)
+    b, t, n, _ = q.shape
+    kh = k.shape[2]
+    lse = lse[:, :, : t * (n // kh)].reshape(b, kh, t, n // kh)
+    return out, jnp.swapaxes(lse, 2, 3)[..., None]
+
+
+def _backward_grouped(q, k, v, bias, mask, aux, out, lse, dout, options):
+    b, kh, g, t, _ = lse.shape
+    rows = jnp.swapaxes(lse[..., 0], 2, 3).reshape(b, kh, t * g)
+    rows_p = -(-t * g // BLOCK_Q) * BLOCK_Q  # padded rows are masked: any value
+    rows = jnp.pad(rows, ((0, 0), (0, 0), (0, rows_p - t * g)))
+    return pallas_mosaic_gpu_bwd.backward(q, k, v, bias, mask, aux, out, rows, dout, options)
 
 
 def _fwd(q, k, v, bias, mask, aux, options):
-    out, lse = forward(q, k, v, bias, mask, aux, options)
+    out, lse = _sharded.forward(_forward_grouped, q, k, v, bias, mask, aux, options, gpu=True)
     return out, (q, k, v, bias, mask, aux, out, lse)
 
 
 def _bwd(options, residuals, dout):
     q, k, v, bias, mask, aux, out, lse = residuals
-    dq, dk, dv, dbias = pallas_mosaic_gpu_bwd.backward(
-        q, k, v, bias, mask, aux, out, lse, dout, options
+    dq, dk, dv, dbias = _sharded.backward(
+        _backward_grouped, q, k, v, bias, mask, aux, out, lse, dout, options, gpu=True
     )
     return dq, dk, dv, dbias, None, None
 

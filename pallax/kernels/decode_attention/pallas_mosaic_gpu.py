@@ -35,6 +35,7 @@ from pallax.kernels._dispatch import InterpretConfig
 from pallax.kernels._mgpu import lookup as _lookup
 from pallax.kernels._mgpu import tma_table as _tma_table
 from pallax.kernels.attention.masks import MaskSpec, allowed
+from pallax.kernels.decode_attention import _sharded
 from pallax.kernels.decode_attention.pallas_tpu import combine_splits
 
 BLOCK = 64  # cache rows per step: one warpgroup's WGMMA-layout tile
@@ -239,6 +240,17 @@ def _call(q, lengths, pages, k_arr, v_arr, st: _Static):
 
 
 def decode_attention(q, key_cache, value_cache, lengths, options: Options):
+    """Per shard of the batch and heads (``_sharded``); see :func:`_decode_local`."""
+    return _sharded.decode(_decode_local, q, key_cache, value_cache, lengths, options, gpu=True)
+
+
+def paged_decode_attention(q, key_pages, value_pages, lengths, page_indices, options: Options):
+    """Per shard of the batch, heads and page pool (``_sharded``)."""
+    args = (q, key_pages, value_pages, lengths, page_indices)
+    return _sharded.paged(_paged_local, *args, options, gpu=True)
+
+
+def _decode_local(q, key_cache, value_cache, lengths, options: Options):
     """q [B, Tq, N, H]; caches [B, S, K, H]; lengths [B] int32 (clamped to S)."""
     _b, tq, n, h = q.shape
     s, kh = key_cache.shape[1], key_cache.shape[2]
@@ -255,7 +267,7 @@ def decode_attention(q, key_cache, value_cache, lengths, options: Options):
     return _call(q, lengths, pages, key_cache, value_cache, st)
 
 
-def paged_decode_attention(q, key_pages, value_pages, lengths, page_indices, options: Options):
+def _paged_local(q, key_pages, value_pages, lengths, page_indices, options: Options):
     """q [B, Tq, N, H]; pages [K, P, page, H]; page_indices [B, pages_per_seq]."""
     _, tq, n, h = q.shape
     kh, _, page, _ = key_pages.shape

@@ -27,8 +27,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallax.kernels._dispatch import InterpretConfig, tpu_interpret_params
-from pallax.kernels._partition import Rule, per_shard
 from pallax.kernels.attention.masks import MaskSpec, allowed, online_softmax_step
+from pallax.kernels.decode_attention import _sharded
 
 _NT = (((1,), (1,)), ((), ()))
 _NN = (((1,), (0,)), ((), ()))
@@ -177,50 +177,15 @@ def _call(q, lengths, pages, k_arr, v_arr, kv_spec_fn, st: _Static, num_blocks: 
     return out.astype(q.dtype)
 
 
-# Batch and heads shard over any mesh axes (one K/V head stays whole: multi-query);
-# the cache length, the new tokens and head_dim must be whole on each device. A
-# paged cache's page pool is split with the batch: sequence b's pages must lie in
-# the pool slice of b's shard (page indices stay global; each shard offsets them).
-_UNSHARDABLE = (("s", "the cache length"), ("t", "the new tokens"), ("h", "head_dim"))
-DECODE_RULE = Rule(
-    "decode_attention",
-    ("b t n h", "b s k h", "b s k h", "b"),
-    ("b t n h",),
-    ("query", "key_cache", "value_cache", "lengths"),
-    _UNSHARDABLE,
-    followers=("lengths",),
-)
-PAGED_RULE = Rule(
-    "paged_decode_attention",
-    ("b t n h", "k p . h", "k p . h", "b", "b j"),
-    ("b t n h",),
-    ("query", "key_pages", "value_pages", "lengths", "page_indices"),
-    (*_UNSHARDABLE, ("j", "the page table's pages per sequence")),
-    followers=("lengths", "page_indices"),
-    with_plan=True,
-    tied=(("p", "b"),),
-)
-
-
 def decode_attention(q, key_cache, value_cache, lengths, options: Options):
-    """Per shard of the batch and heads (``DECODE_RULE``); see :func:`_decode_local`."""
-    fn = lambda *args: (_decode_local(*args, options),)
-    return per_shard(
-        fn, DECODE_RULE, q, key_cache, value_cache, lengths, interpret=options.interpret, tpu=True
-    )[0]
+    """Per shard of the batch and heads (``_sharded``); see :func:`_decode_local`."""
+    return _sharded.decode(_decode_local, q, key_cache, value_cache, lengths, options, gpu=False)
 
 
 def paged_decode_attention(q, key_pages, value_pages, lengths, page_indices, options: Options):
-    """Per shard of the batch, heads and page pool (``PAGED_RULE``)."""
-
-    def local(q, key_pages, value_pages, lengths, page_indices, *, plan):
-        axes = plan.get("p", ())
-        if axes:  # this shard's slice of the pool starts at index * its size
-            page_indices = page_indices - jax.lax.axis_index(axes) * key_pages.shape[1]
-        return (_paged_local(q, key_pages, value_pages, lengths, page_indices, options),)
-
+    """Per shard of the batch, heads and page pool (``_sharded``)."""
     args = (q, key_pages, value_pages, lengths, page_indices)
-    return per_shard(local, PAGED_RULE, *args, interpret=options.interpret, tpu=True)[0]
+    return _sharded.paged(_paged_local, *args, options, gpu=False)
 
 
 def _decode_local(q, key_cache, value_cache, lengths, options: Options):

@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallax.kernels._dispatch import InterpretConfig, tpu_interpret_params
-from pallax.kernels._partition import Rule, per_shard
+from pallax.kernels._partition import Rule, like_operands, per_shard
 from pallax.kernels.gated_mlp.activations import activation_and_grad
 from pallax.kernels.gated_mlp.config import GatedMlpBlockSizes
 
@@ -273,7 +273,8 @@ def _fwd(x, w_gate, w_up, w_down, options):
 
 def _bwd(options, residuals, dy):
     fn = lambda *args: _backward(*args, options)
-    return per_shard(fn, BACKWARD_RULE, *residuals, dy, interpret=options.interpret, tpu=True)
+    grads = per_shard(fn, BACKWARD_RULE, *residuals, dy, interpret=options.interpret, tpu=True)
+    return like_operands(grads, residuals)
 
 
 gated_mlp.defvjp(_fwd, _bwd)

@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallax.kernels._dispatch import InterpretConfig, tpu_interpret_params
-from pallax.kernels._partition import Rule, per_shard
+from pallax.kernels._partition import Rule, like_operands, per_shard
 from pallax.kernels.linear_cross_entropy.config import LinearCrossEntropyBlockSizes
 from pallax.kernels.linear_cross_entropy.xla import capped, dlogits_raw
 
@@ -363,7 +363,8 @@ def _fwd(hidden, weight, labels, options):
 def _bwd(options, residuals, cotangents):
     hidden, weight, labels, lse = residuals
     dlse, dlabel = cotangents
-    dhidden, dweight = _sharded_backward(hidden, weight, labels, lse, dlse, dlabel, options)
+    grads = _sharded_backward(hidden, weight, labels, lse, dlse, dlabel, options)
+    dhidden, dweight = like_operands(grads, (hidden, weight))
     return dhidden, dweight, None
 
 

@@ -38,6 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallax.kernels._dispatch import InterpretConfig
+from pallax.kernels._partition import Rule, per_shard
 from pallax.kernels.rms_norm import xla
 from pallax.kernels.rms_norm.config import GPU_BLOCK_ROWS, RmsNormBlockSizes
 
@@ -149,14 +150,26 @@ def _forward(x: jax.Array, scale: jax.Array, options: Options) -> jax.Array:
     return _forward_padded(x_padded, scale, options)[:rows]
 
 
+# Rows shard over any mesh axes; the normalised axis must be whole on each device.
+FORWARD_RULE = Rule(
+    "rms_norm", ("r d", "d"), ("r d",), ("x", "scale"), (("d", "the normalised feature axis"),)
+)
+
+
+def _sharded_forward(x, scale, options):
+    fn = lambda x, scale: (_forward(x, scale, options),)
+    return per_shard(fn, FORWARD_RULE, x, scale, interpret=options.interpret, gpu=True)[0]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def rms_norm(x: jax.Array, scale: jax.Array, options: Options) -> jax.Array:
-    """x: [R, D], scale: [D] -> [R, D] in x.dtype."""
-    return _forward(x, scale, options)
+    """x: [R, D], scale: [D] -> [R, D] in x.dtype; the kernel runs per shard of the rows
+    (the backward is XLA's, partitioned by XLA)."""
+    return _sharded_forward(x, scale, options)
 
 
 def _fwd(x, scale, options):
-    return _forward(x, scale, options), (x, scale)
+    return _sharded_forward(x, scale, options), (x, scale)
 
 
 def _bwd(options, residuals, dy):

@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallax.kernels._dispatch import InterpretConfig, tpu_interpret_params
-from pallax.kernels._partition import Rule, per_shard
+from pallax.kernels._partition import Rule, like_operands, per_shard
 from pallax.kernels.rms_norm import xla
 from pallax.kernels.rms_norm.config import RmsNormBlockSizes
 
@@ -173,7 +173,8 @@ def _bwd(options, residuals, dy):
         )
         return dx.reshape(x.shape), dscale
 
-    return per_shard(local, _rules(x.ndim)[1], x, scale, dy, interpret=options.interpret, tpu=True)
+    grads = per_shard(local, _rules(x.ndim)[1], x, scale, dy, interpret=options.interpret, tpu=True)
+    return like_operands(grads, (x, scale))
 
 
 rms_norm.defvjp(_fwd, _bwd)
