@@ -96,6 +96,17 @@ def _check(mode, mesh, kernel, reference, args, specs, argnums, never_gathered=(
             assert shape not in gathered, f"{shape} all-gathered: {gathered}"
 
 
+def _check_attention(mode, mesh, qkv, specs, options, never_gathered=()):
+    """Causal attention with ``options``: the Pallas TPU kernel per shard vs XLA unsharded."""
+
+    def attend(impl):
+        return lambda q, k, v: pallax.dot_product_attention(
+            q, k, v, is_causal=True, implementation=impl, **options
+        )
+
+    _check(mode, mesh, attend("pallas_tpu"), attend("xla"), qkv, specs, (0, 1, 2), never_gathered)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kv_heads", [1, 4])
 def test_attention(mode, kv_heads):
@@ -109,19 +120,12 @@ def test_attention(mode, kv_heads):
     segments = jnp.asarray(np.repeat([[0] * 100 + [1] * 156], b, 0), jnp.int32)
     kv_spec = P("data", None, "tensor") if kv_heads > 1 else P("data")
 
-    def attend(impl):
-        return lambda q, k, v: pallax.dot_product_attention(
-            q, k, v, is_causal=True, segment_ids=(segments, segments), implementation=impl
-        )
-
-    _check(
+    _check_attention(
         mode,
         mesh,
-        attend("pallas_tpu"),
-        attend("xla"),
         [q, k, v],
         [P("data", None, "tensor"), kv_spec, kv_spec],
-        (0, 1, 2),
+        dict(segment_ids=(segments, segments)),
         never_gathered=[(b, t, n, h)],
     )
 
@@ -284,17 +288,4 @@ def test_attention_any_mesh_and_assignment(mesh_shape, batch_axis, heads_axis, k
     q_spec = P(batch_axis, None, heads_axis)
     kv_spec = q_spec if kv_heads > 1 else P(batch_axis)
 
-    def attend(impl):
-        return lambda q, k, v: pallax.dot_product_attention(
-            q, k, v, is_causal=True, logits_soft_cap=10.0, implementation=impl
-        )
-
-    _check(
-        mode,
-        mesh,
-        attend("pallas_tpu"),
-        attend("xla"),
-        [q, k, v],
-        [q_spec, kv_spec, kv_spec],
-        (0, 1, 2),
-    )
+    _check_attention(mode, mesh, [q, k, v], [q_spec, kv_spec, kv_spec], dict(logits_soft_cap=10.0))
