@@ -148,6 +148,26 @@ def test_rms_norm_rows(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_rms_norm_normalised_axis_sharded(mode):
+    """The feature axis split too: each shard normalises its slice with the row sums
+    all-reduced (XLA's formula; the kernel needs whole rows)."""
+    mesh = _mesh((2, 4), ("data", "tensor"), mode)
+    x, scale = _random(0, (4, 64, 256)), _random(1, (256,))
+    norm = lambda impl: lambda x, s: pallax.rms_norm(x, s, implementation=impl)
+    specs = [P("data", None, "tensor"), P("tensor")]
+    _check(
+        mode,
+        mesh,
+        norm("pallas_tpu"),
+        norm("xla"),
+        [x, scale],
+        specs,
+        (0, 1),
+        never_gathered=[(4, 64, 256)],
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_gated_mlp_megatron(mode):
     mesh = _mesh((2, 4), ("data", "tensor"), mode)
     x = _random(0, (64, 128))

@@ -132,22 +132,48 @@ def _backward(x, scale, dy, options: Options) -> tuple[jax.Array, jax.Array]:
     return dx, dscale.astype(scale.dtype)
 
 
-# Rows (every leading dimension) shard over any mesh axes; the normalised axis must
-# be whole on each device. The kernels see each device's rows flattened to [R, D].
-_UNSHARDABLE = (("d", "the normalised feature axis"),)
+# Rows (every leading dimension) shard over any mesh axes; the kernels see each
+# device's rows flattened to [R, D]. The normalised axis may be sharded too: the
+# kernel needs whole rows, so such a shard computes XLA's row formula on its slice
+# with the row sums all-reduced across the axis (no kernel, no gather).
 
 
 def _rules(ndim: int) -> tuple[Rule, Rule]:
     x = " ".join(f"r{i}" for i in range(ndim - 1)) + " d"
-    forward = Rule("rms_norm", (x, "d"), (x,), ("x", "scale"), _UNSHARDABLE)
+    forward = Rule("rms_norm", (x, "d"), (x,), ("x", "scale"), with_plan=True)
     backward = Rule(  # dscale lacks the rows: summed over the devices that split them
-        "rms_norm (backward)", (x, "d", x), (x, "d"), ("x", "scale", "dy"), _UNSHARDABLE
+        "rms_norm (backward)", (x, "d", x), (x, "d"), ("x", "scale", "dy"), with_plan=True
     )
     return forward, backward
 
 
+def _row_sum(v, axes):
+    """Sum over the last axis of the whole (possibly sharded) feature axis."""
+    total = jnp.sum(v, axis=-1, keepdims=True)
+    return jax.lax.psum(total, axes) if axes else total
+
+
+def _split_forward(x, scale, options, axes):
+    dim = x.shape[-1] * jax.lax.psum(1, axes)
+    x32 = x.astype(jnp.float32)
+    rstd = jax.lax.rsqrt(_row_sum(x32 * x32, axes) / dim + options.eps)
+    return (x32 * rstd * (scale.astype(jnp.float32) + options.scale_offset)).astype(x.dtype)
+
+
+def _split_backward(x, scale, dy, options, axes):
+    dim = x.shape[-1] * jax.lax.psum(1, axes)
+    x32, dy32 = x.astype(jnp.float32), dy.astype(jnp.float32)
+    rstd = jax.lax.rsqrt(_row_sum(x32 * x32, axes) / dim + options.eps)
+    x_hat, g = x32 * rstd, dy32 * (scale.astype(jnp.float32) + options.scale_offset)
+    dx = rstd * (g - x_hat * _row_sum(g * x_hat, axes) / dim)
+    dscale = jnp.sum((dy32 * x_hat).reshape(-1, x.shape[-1]), axis=0)
+    return dx.astype(x.dtype), dscale.astype(scale.dtype)
+
+
 def _sharded_forward(x, scale, options):
-    def local(x, scale):
+    def local(x, scale, *, plan):
+        if plan.get("d"):
+            return (_split_forward(x, scale, options, plan["d"]),)
         return (_forward(x.reshape(-1, x.shape[-1]), scale, options).reshape(x.shape),)
 
     return per_shard(local, _rules(x.ndim)[0], x, scale, interpret=options.interpret, tpu=True)[0]
@@ -167,7 +193,9 @@ def _fwd(x, scale, options):
 def _bwd(options, residuals, dy):
     x, scale = residuals
 
-    def local(x, scale, dy):
+    def local(x, scale, dy, *, plan):
+        if plan.get("d"):
+            return _split_backward(x, scale, dy, options, plan["d"])
         dx, dscale = _backward(
             x.reshape(-1, x.shape[-1]), scale, dy.reshape(-1, dy.shape[-1]), options
         )
