@@ -131,30 +131,20 @@ def test_attention(mode, kv_heads):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_rms_norm_rows(mode):
+@pytest.mark.parametrize(
+    "specs",
+    [
+        [P("data"), P()],  # rows split: the kernel per shard
+        # The feature axis split too: each shard normalises its slice with the row sums
+        # all-reduced (XLA's formula; the kernel needs whole rows).
+        [P("data", None, "tensor"), P("tensor")],
+    ],
+    ids=["rows", "normalised_axis"],
+)
+def test_rms_norm(mode, specs):
     mesh = _mesh((2, 4), ("data", "tensor"), mode)
     x, scale = _random(0, (4, 64, 256)), _random(1, (256,))
     norm = lambda impl: lambda x, s: pallax.rms_norm(x, s, implementation=impl)
-    _check(
-        mode,
-        mesh,
-        norm("pallas_tpu"),
-        norm("xla"),
-        [x, scale],
-        [P("data"), P()],
-        (0, 1),
-        never_gathered=[(4, 64, 256)],
-    )
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_rms_norm_normalised_axis_sharded(mode):
-    """The feature axis split too: each shard normalises its slice with the row sums
-    all-reduced (XLA's formula; the kernel needs whole rows)."""
-    mesh = _mesh((2, 4), ("data", "tensor"), mode)
-    x, scale = _random(0, (4, 64, 256)), _random(1, (256,))
-    norm = lambda impl: lambda x, s: pallax.rms_norm(x, s, implementation=impl)
-    specs = [P("data", None, "tensor"), P("tensor")]
     _check(
         mode,
         mesh,
